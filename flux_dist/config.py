@@ -1,0 +1,112 @@
+"""Plain config dataclasses: a YAML file, then command-line flags that override it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import FluxDistError
+
+
+@dataclass
+class ModelConfig:
+    """Which weights: a preset name (random weights) or a local diffusers-format directory."""
+
+    model: str = "flux2-tiny"
+    dtype: str = "float32"  # float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # seed of the preset's random weights (not of the image)
+
+
+@dataclass
+class ParallelConfig:
+    ulysses: int = 1
+    ring: int = 1
+    cfg_parallel: int = 1
+
+
+@dataclass
+class RequestConfig:
+    """One image request; the HTTP server and batch mode build the same object."""
+
+    prompt: str | None = None
+    negative_prompt: str = ""
+    height: int = 64
+    width: int = 64
+    steps: int = 4
+    guidance: float = 4.0
+    seed: int = 0
+    max_sequence_length: int = 512
+
+
+@dataclass
+class LimitsConfig:
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    output: str = "out/flux.png"
+    metrics: str | None = "out/metrics.json"
+
+
+@dataclass
+class DistConfig:
+    """Process-group timeouts: long while loading / compiling, short once serving."""
+
+    startup_timeout_s: float = 1800.0
+    timeout_s: float = 300.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def _fill(obj: Any, data: dict, where: str) -> None:
+    if not isinstance(data, dict):
+        raise FluxDistError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k not in names:
+            raise FluxDistError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _fill(cur, value, f"{where}.{k}" if where else k)
+        else:
+            setattr(obj, k, value)
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build a RunConfig from a YAML file and ``{"section.key": value}`` overrides (None = unset)."""
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FluxDistError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FluxDistError(f"config file {path} is not valid YAML: {e}") from e
+        _fill(cfg, data, "")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        _fill(getattr(cfg, section), {key: value}, section)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

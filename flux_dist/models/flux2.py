@@ -1,0 +1,144 @@
+"""FLUX.2 adapter: which diffusers modules to wrap, and a forward pass over sharded tokens.
+
+The blocks are diffusers' own ``Flux2TransformerBlock`` / ``Flux2SingleTransformerBlock``; only
+their attention processors are swapped for ones that call sequence-parallel attention. The
+forward here mirrors ``Flux2Transformer2DModel.forward`` (text-to-image path) but takes each
+rank's ``[text shard, image shard]`` and exposes the block stack so the step cache can skip it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2Attention,
+    Flux2Modulation,
+    Flux2ParallelSelfAttention,
+    Flux2Transformer2DModel,
+    _get_qkv_projections,
+)
+
+from ..parallel.attention import AttnContext, check_heads, sp_attention
+
+
+class DoubleStreamAttnProcessor:
+    """Joint text+image attention of a double-stream block, sharded over the sequence."""
+
+    def __init__(self, ctx: AttnContext) -> None:
+        self.ctx = ctx
+
+    def __call__(
+        self,
+        attn: Flux2Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+        q = torch.cat([attn.norm_added_q(eq), attn.norm_q(q)], dim=1)
+        k = torch.cat([attn.norm_added_k(ek), attn.norm_k(k)], dim=1)
+        v = torch.cat([ev, v], dim=1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = sp_attention(q, k, v, self.ctx).flatten(2, 3).to(q.dtype)
+        txt, img = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, attn.to_add_out(txt)
+
+
+class SingleStreamAttnProcessor:
+    """Fused attention + MLP of a single-stream block, sharded over the sequence."""
+
+    def __init__(self, ctx: AttnContext) -> None:
+        self.ctx = ctx
+
+    def __call__(
+        self,
+        attn: Flux2ParallelSelfAttention,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = attn.to_qkv_mlp_proj(hidden_states)
+        qkv, mlp = torch.split(h, [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = sp_attention(q, k, v, self.ctx).flatten(2, 3).to(q.dtype)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
+    """Swap every block's attention processor for the sequence-parallel one (also on 1 rank)."""
+    check_heads(transformer.config.num_attention_heads, ctx.mesh.dims.ulysses)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(DoubleStreamAttnProcessor(ctx))
+    for block in transformer.single_transformer_blocks:
+        block.attn.set_processor(SingleStreamAttnProcessor(ctx))
+
+
+@dataclass
+class StepInputs:
+    """Per-request tensors that stay fixed across steps (local shards)."""
+
+    txt: torch.Tensor  # [B, T_loc, joint_attention_dim]
+    rope: tuple[torch.Tensor, torch.Tensor]  # over the local [text, image] sequence
+    guidance: torch.Tensor | None  # [B] (dev) or None (klein)
+
+
+def prepare(tr: Flux2Transformer2DModel, txt: torch.Tensor, txt_ids: torch.Tensor, img_ids: torch.Tensor,
+            guidance: torch.Tensor | None) -> StepInputs:
+    """RoPE tables for the local tokens, computed once per request instead of once per step."""
+    t_cos, t_sin = tr.pos_embed(txt_ids)
+    i_cos, i_sin = tr.pos_embed(img_ids)
+    rope = (torch.cat([t_cos, i_cos], 0), torch.cat([t_sin, i_sin], 0))
+    return StepInputs(txt=txt, rope=rope, guidance=guidance)
+
+
+def modulations(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor,
+                guidance: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Time/guidance embedding and the three shared modulation vectors."""
+    timestep = timestep.to(x.dtype) * 1000
+    if guidance is not None:
+        guidance = guidance.to(x.dtype) * 1000
+    temb = tr.time_guidance_embed(timestep, guidance)
+    return (temb, tr.double_stream_modulation_img(temb), tr.double_stream_modulation_txt(temb),
+            tr.single_stream_modulation(temb))
+
+
+def first_block_signal(tr: Flux2Transformer2DModel, img: torch.Tensor, mod_img: torch.Tensor) -> torch.Tensor:
+    """TeaCache's signal: the first double block's modulated image input."""
+    (shift, scale, _), _ = Flux2Modulation.split(mod_img, 2)
+    return (1 + scale) * tr.transformer_blocks[0].norm1(img) + shift
+
+
+def run_blocks(tr: Flux2Transformer2DModel, img: torch.Tensor, txt: torch.Tensor, mods: tuple[torch.Tensor, ...],
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Every block; returns the joint local ``[text, image]`` hidden states."""
+    _, mod_img, mod_txt, mod_single = mods
+    for block in tr.transformer_blocks:
+        txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb_mod_img=mod_img,
+                         temb_mod_txt=mod_txt, image_rotary_emb=rope)
+    h = torch.cat([txt, img], dim=1)
+    for block in tr.single_transformer_blocks:
+        h = block(hidden_states=h, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope)
+    return h
+
+
+def forward(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+    """One transformer pass over local shards; returns the local image velocity ``[B, I_loc, C]``."""
+    mods = modulations(tr, x, timestep, inp.guidance)
+    img = tr.x_embedder(x)
+    txt = tr.context_embedder(inp.txt)
+    h = run_blocks(tr, img, txt, mods, inp.rope)
+    return head(tr, h[:, txt.shape[1]:], mods[0])
+
+
+def head(tr: Flux2Transformer2DModel, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    return tr.proj_out(tr.norm_out(img, temb))

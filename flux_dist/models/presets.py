@@ -1,0 +1,354 @@
+"""Model presets: tiny random FLUX.2 models for CPU tests, full-size random ones for benchmarks.
+
+No weights can be downloaded, so every preset is built from a config with seeded random weights.
+Every rank builds its own copy, so construction must be bit-identical across processes for one
+seed: the order of construction is fixed and all randomness comes from seeded generators.
+
+* ``flux2-tiny`` / ``flux2-klein-tiny``: the [dev] / [klein] architectures shrunk until a 64x64
+  image runs end to end on a CPU in well under a second, with real (tiny) text encoders and
+  tokenizers so that the diffusers pipelines run unchanged and serve as a reference.
+* ``flux2-dev`` / ``flux2-klein-4b``: the real transformer shapes with random weights and no text
+  encoder (the engine feeds random prompt embeddings), for memory and speed measurements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+)
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+from .tokenizers import MODEL_MAX_LENGTH, build_mistral_processor, build_qwen_tokenizer
+
+PRESETS: tuple[str, ...] = ("flux2-tiny", "flux2-klein-tiny", "flux2-dev", "flux2-klein-4b")
+
+# Text-encoder hidden-state layers each family's pipeline stacks into the prompt embedding.
+DEV_TEXT_LAYERS: tuple[int, ...] = (10, 20, 30)
+KLEIN_TEXT_LAYERS: tuple[int, ...] = (9, 18, 27)
+
+# Tiny sizes. 4 heads so that Ulysses degrees 2 and 4 divide them; the RoPE axes sum to head_dim.
+TINY_HEADS = 4
+TINY_HEAD_DIM = 16
+TINY_TEXT_HIDDEN = 32
+TINY_LATENT_CHANNELS = 8
+TINY_VAE_CHANNELS = (16, 32)  # two blocks -> VAE scale factor 2: 64x64 px -> 32x32 latents -> 256 tokens
+
+# Offsets that give each component its own seed stream: changing one tiny config leaves the
+# others' weights alone. seed * 1000 keeps different user seeds from colliding.
+_SEED_STRIDE = 1000
+_TEXT_SEED, _TRANSFORMER_SEED, _VAE_SEED, _BN_SEED = 1, 2, 3, 4
+
+
+@dataclass
+class Components:
+    """Everything one rank needs to serve a model; modules are plain diffusers / transformers ones."""
+
+    family: str  # "dev" (guidance-distilled, Mistral3 encoder) or "klein" (Qwen3 encoder)
+    transformer: Flux2Transformer2DModel
+    vae: AutoencoderKLFlux2
+    scheduler: FlowMatchEulerDiscreteScheduler
+    text_encoder: torch.nn.Module | None  # None when prompts are replaced by random embeddings
+    tokenizer: Any | None  # PixtralProcessor for dev, Qwen2TokenizerFast for klein
+    is_distilled: bool  # klein: False -> true CFG with "" as negative prompt
+    text_layers: tuple[int, ...]  # (10, 20, 30) dev, (9, 18, 27) klein
+    name: str  # preset name or model path
+
+
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler FLUX.2 ships (FLUX.1's config); the pipelines pass an empirical ``mu``."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+def _seed(seed: int, component: int) -> int:
+    return seed * _SEED_STRIDE + component
+
+
+@contextlib.contextmanager
+def _isolated_rng(device: torch.device) -> Iterator[None]:
+    """Seed freely inside without disturbing the caller's global RNG streams."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _set_bn_stats(vae: AutoencoderKLFlux2, seed: int) -> None:
+    """Give the latent BatchNorm non-trivial running stats so de-normalization is exercised.
+
+    Drawn on the CPU with their own generator: identical on every device and process.
+    """
+    bn = vae.bn
+    n = bn.num_features
+    g = torch.Generator("cpu").manual_seed(_seed(seed, _BN_SEED))
+    mean = torch.randn(n, generator=g) * 0.5
+    var = torch.rand(n, generator=g) * 1.5 + 0.5
+    if bn.running_mean.device.type == "meta":
+        return
+    with torch.no_grad():
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var.to(bn.running_var.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny presets
+
+
+def _tiny_transformer(*, guidance_embeds: bool) -> Flux2Transformer2DModel:
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * TINY_LATENT_CHANNELS,  # the pipelines pack 2x2 latent patches into tokens
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=TINY_HEAD_DIM,
+        num_attention_heads=TINY_HEADS,
+        joint_attention_dim=3 * TINY_TEXT_HIDDEN,  # three stacked encoder layers
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        rope_theta=2000,
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def _tiny_vae() -> AutoencoderKLFlux2:
+    return AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(TINY_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(TINY_VAE_CHANNELS),
+        block_out_channels=TINY_VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=TINY_LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _tiny_mistral3(processor: Any) -> Mistral3ForConditionalGeneration:
+    tok = processor.tokenizer
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tok),
+            "hidden_size": TINY_TEXT_HIDDEN,
+            "intermediate_size": 64,
+            "num_hidden_layers": max(DEV_TEXT_LAYERS) + 1,  # hidden_states[30] must be a real layer
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": MODEL_MAX_LENGTH,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e9,
+            "sliding_window": None,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 8,
+            "image_size": 32,
+            "patch_size": 4,
+            "num_channels": 3,
+        },
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
+def _tiny_qwen3(tok: Any) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=max(KLEIN_TEXT_LAYERS) + 1,  # hidden_states[27] must be a real layer
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return Qwen3ForCausalLM(config)
+
+
+def _build_tiny(name: str, seed: int) -> Components:
+    """Build on the CPU in float32, each component from its own seed, in a fixed order."""
+    dev = name == "flux2-tiny"
+    if dev:
+        tokenizer: Any = build_mistral_processor(patch_size=4, image_size=32, spatial_merge_size=2)
+    else:
+        tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(_seed(seed, _TEXT_SEED))
+    text_encoder = _tiny_mistral3(tokenizer) if dev else _tiny_qwen3(tokenizer)
+    torch.manual_seed(_seed(seed, _TRANSFORMER_SEED))
+    transformer = _tiny_transformer(guidance_embeds=dev)
+    torch.manual_seed(_seed(seed, _VAE_SEED))
+    vae = _tiny_vae()
+    _set_bn_stats(vae, seed)
+    return Components(
+        family="dev" if dev else "klein",
+        transformer=transformer,
+        vae=vae,
+        scheduler=flux2_scheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        is_distilled=dev,
+        text_layers=DEV_TEXT_LAYERS if dev else KLEIN_TEXT_LAYERS,
+        name=name,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# full-size presets
+
+FULL_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    # Flux2Transformer2DModel's defaults are FLUX.2 [dev]; spelled out so a diffusers change shows.
+    "flux2-dev": dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=8,
+        num_single_layers=48,
+        attention_head_dim=128,
+        num_attention_heads=48,
+        joint_attention_dim=15360,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        guidance_embeds=True,
+    ),
+    "flux2-klein-4b": dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=7680,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ),
+}
+
+
+def _build_full(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> Components:
+    """Build straight on ``device`` in ``dtype`` (no 64 GB CPU copy), then re-draw the matrices.
+
+    ``normal_(0, 0.02)`` with a seeded generator on the target device keeps activations finite in
+    bf16 and makes every rank's weights identical; ``device="meta"`` only allocates shapes.
+    """
+    torch.manual_seed(_seed(seed, _TRANSFORMER_SEED))
+    with _default_dtype(dtype), device:
+        transformer = Flux2Transformer2DModel(**FULL_TRANSFORMER_CONFIGS[name])
+        vae = AutoencoderKLFlux2()
+    if device.type != "meta":
+        g = torch.Generator(device).manual_seed(_seed(seed, _TRANSFORMER_SEED))
+        with torch.no_grad():
+            for p in transformer.parameters():
+                if p.ndim == 2:
+                    p.normal_(0.0, 0.02, generator=g)
+    _set_bn_stats(vae, seed)
+    dev = name == "flux2-dev"
+    return Components(
+        family="dev" if dev else "klein",
+        transformer=transformer,
+        vae=vae,
+        scheduler=flux2_scheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        is_distilled=dev,
+        text_layers=DEV_TEXT_LAYERS if dev else KLEIN_TEXT_LAYERS,
+        name=name,
+    )
+
+
+def build_preset(
+    name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> Components:
+    """Build a preset with seeded random weights, identical on every process for one seed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _isolated_rng(device):
+        if name in FULL_TRANSFORMER_CONFIGS:
+            c = _build_full(name, dtype, device, seed)
+        else:
+            c = _build_tiny(name, seed)
+            c.transformer.to(device=device, dtype=dtype)
+            c.vae.to(device=device, dtype=dtype)
+            c.text_encoder.to(device=device, dtype=dtype)
+    for m in (c.transformer, c.vae, c.text_encoder):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return c
+
+
+def to_diffusers_pipeline(c: Components) -> Flux2Pipeline | Flux2KleinPipeline:
+    """The stock diffusers pipeline over the same module objects: the reference implementation."""
+    modules = dict(
+        scheduler=c.scheduler,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        transformer=c.transformer,
+    )
+    if c.family == "dev":
+        pipe: Flux2Pipeline | Flux2KleinPipeline = Flux2Pipeline(**modules)
+    elif c.family == "klein":
+        pipe = Flux2KleinPipeline(**modules, is_distilled=c.is_distilled)
+    else:
+        raise ValueError(f"unknown model family {c.family!r} (expected 'dev' or 'klein')")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_components(c: Components, path: str) -> None:
+    """Write a diffusers-format directory (model_index.json + one subfolder per component)."""
+    os.makedirs(path, exist_ok=True)
+    to_diffusers_pipeline(c).save_pretrained(path, safe_serialization=True)

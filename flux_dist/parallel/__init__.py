@@ -1,0 +1,1 @@
+"""Sequence and CFG parallelism: mesh, token sharding, distributed attention."""

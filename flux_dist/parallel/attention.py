@@ -1,0 +1,129 @@
+"""Sequence-parallel attention: Ulysses (all-to-all over heads), ring (K/V passed peer to peer,
+merged through the log-sum-exp), and both at once (USP: Ulysses inside, ring outside).
+
+All collectives are functional (``torch.distributed._functional_collectives``) so that
+``torch.compile`` and CUDA graphs can take them. Tensors use diffusers' ``[B, S, H, D]`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+from ..errors import FluxDistError
+from . import kernels
+from .mesh import Mesh
+from .sharding import ShardPlan
+
+
+@dataclass
+class AttnContext:
+    """What attention needs to know about the layout; the plan changes with the request shape."""
+
+    mesh: Mesh
+    plan: ShardPlan | None = None
+    _index_cache: dict = field(default_factory=dict)
+
+    def key_index(self, block: int, device: torch.device) -> torch.Tensor | None:
+        idx = self.plan.key_index[block] if self.plan is not None else None
+        if idx is None:
+            return None
+        key = (self.plan, block, device)
+        if key not in self._index_cache:
+            self._index_cache[key] = idx.to(device)
+        return self._index_cache[key]
+
+
+def check_heads(heads: int, ulysses: int) -> None:
+    if heads % ulysses:
+        raise FluxDistError(f"attention heads ({heads}) are not divisible by --ulysses {ulysses}")
+
+
+def _a2a(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0."""
+    return fc.all_to_all_single(x.contiguous(), None, None, group)
+
+
+def ulysses_scatter_heads(qkv: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[3, B, S, H, D]`` sequence shard -> ``[3, B, u*S, H/u, D]`` head shard (one collective for q, k, v)."""
+    n, b, s, h, d = qkv.shape
+    x = qkv.reshape(n, b, s, u, h // u, d).permute(3, 0, 1, 2, 4, 5)  # [u, 3, B, S, H/u, D]
+    y = _a2a(x, group)  # [u(src), 3, B, S, H/u, D]
+    return y.permute(1, 2, 0, 3, 4, 5).reshape(n, b, u * s, h // u, d)
+
+
+def ulysses_gather_heads(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[B, u*S, H/u, D]`` -> ``[B, S, H, D]``: the inverse all-to-all."""
+    b, us, hu, d = out.shape
+    s = us // u
+    x = out.reshape(b, u, s, hu, d).permute(1, 0, 2, 3, 4)  # [u(dst), B, S, H/u, D]
+    y = _a2a(x, group)  # [u(src head group), B, S, H/u, D]
+    return y.permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d)
+
+
+def _ring_shift(kv: torch.Tensor, ring: int, rank: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Send ``kv`` to the next rank of the ring and receive the previous rank's (async until used).
+
+    An all-to-all with one non-empty split is a peer-to-peer transfer that compile can trace.
+    """
+    n = kv.shape[0]
+    send = [0] * ring
+    recv = [0] * ring
+    send[(rank + 1) % ring] = n
+    recv[(rank - 1) % ring] = n
+    return fc.all_to_all_single(kv, recv, send, group)
+
+
+def _select(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else x.index_select(2, idx)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """``[B, H, S, D]`` in and out. Each step overlaps the next K/V transfer with this block's attention."""
+    mesh = ctx.mesh
+    ring, r = mesh.dims.ring, mesh.ring_rank
+    group = mesh.groups["ring"]
+    kv = torch.stack([k, v]).contiguous()  # [2, B, H, S, D]; one transfer per step
+    acc: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for step in range(ring):
+        nxt = _ring_shift(kv, ring, r, group) if step + 1 < ring else None
+        src = (r - step) % ring
+        idx = ctx.key_index(src, q.device)
+        kb, vb = _select(kv[0], idx), _select(kv[1], idx)
+        if kb.shape[2] > 0:
+            o, l = kernels.attention_lse(q, kb, vb)
+            if acc is None:
+                acc, lse = o.float(), l
+            else:
+                new = torch.logaddexp(lse, l)
+                acc = acc * torch.exp(lse - new).unsqueeze(-1) + o.float() * torch.exp(l - new).unsqueeze(-1)
+                lse = new
+        if nxt is not None:
+            kv = nxt
+    assert acc is not None, "every ring holds at least one real key"
+    return acc.to(q.dtype)
+
+
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """Attention of this rank's query shard against every real key of the sequence.
+
+    ``q, k, v``: ``[B, S_loc, H, D]`` (RoPE already applied). Returns ``[B, S_loc, H, D]``.
+    """
+    dims = ctx.mesh.dims
+    u = dims.ulysses
+    if u > 1:
+        q, k, v = ulysses_scatter_heads(torch.stack([q, k, v]), u, ctx.mesh.groups["ulysses"]).unbind(0)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    if dims.ring > 1:
+        out = ring_attention(q, k, v, ctx)
+    else:
+        idx = ctx.key_index(0, q.device)
+        out = kernels.attention(q, _select(k, idx), _select(v, idx))
+    out = out.transpose(1, 2)
+    if u > 1:
+        out = ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
+    return out

@@ -1,0 +1,20 @@
+"""Classifier-free guidance across the ``cfg`` axis: cond on cfg rank 0, uncond on cfg rank 1."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as fc
+
+from .mesh import Mesh
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """diffusers' formula, written once so every path (and every rank) rounds the same way."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_parallel_combine(pred: torch.Tensor, mesh: Mesh, scale: float) -> torch.Tensor:
+    """Exchange the two branches' predictions and combine them; identical on both cfg ranks."""
+    both = fc.all_gather_tensor(pred.contiguous(), 0, mesh.groups["cfg"])
+    cond, uncond = both.chunk(2, dim=0)
+    return guided(cond, uncond, scale)
