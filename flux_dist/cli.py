@@ -49,10 +49,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from . import distributed
+    from .engine import Engine, check_request
 
     cfg = config_from_args(args)
-    engine = Engine(cfg)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    check_request(cfg.request, cfg.limits)  # before the (slow) model load
+    engine = Engine(cfg, info)
     result = engine.generate(cfg.request)
     if engine.dist.is_main:
         out = Path(cfg.output.output)
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank{_rank()}] flux-dist: internal error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
     if code:
+        from .distributed import fail_together
+
+        fail_together()
         # Skip interpreter teardown: a peer may still sit in a collective and the launcher stops it.
         sys.stdout.flush()
         os._exit(code)

@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,29 @@ def set_timeout(timeout_s: float) -> None:
             fn(datetime.timedelta(seconds=timeout_s), None)
         except Exception as e:  # pragma: no cover - depends on the backend build
             log.debug("could not shorten the process-group timeout: %s", e)
+
+
+def fail_together(timeout_s: float = 10.0) -> None:
+    """On a failing rank: count the failure in the rendezvous store, then give the other ranks up to
+    ``timeout_s`` to reach (and print) the same error before this one exits and the launcher stops them.
+
+    Bad input fails identically on every rank; without this the first rank out gets its peers killed
+    before they say why. A rank failing alone only waits the timeout.
+    """
+    world = _env_int("WORLD_SIZE", default=1)
+    if world <= 1:
+        return
+    if not dist.is_initialized():
+        time.sleep(2.0)  # peers parse the same config in about the same time
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add("flux_dist/failed", 1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and store.add("flux_dist/failed", 0) < world:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store may be gone with a dead peer; exit anyway
+        pass
 
 
 def shutdown() -> None:

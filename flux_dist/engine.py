@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from . import distributed, sampling
-from .config import RequestConfig, RunConfig
+from .config import LimitsConfig, RequestConfig, RunConfig
 from .errors import FluxDistError
 from .models import flux2
 from .models.source import load_model
@@ -75,31 +75,8 @@ class Engine:
             log.warning("model '%s' has no text encoder here: prompts become seeded random embeddings "
                         "(benchmark shapes, not images)", self.c.name)
 
-    # -- request checks -------------------------------------------------------------------
     def validate(self, req: RequestConfig) -> None:
-        """Every rank runs the same checks on the same request, so all fail together, before any collective."""
-        lim = self.cfg.limits
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
-            raise FluxDistError("a prompt is required (--prompt or request.prompt)")
-        mult = max(16, 2 * self.vae_scale)
-        for name in ("height", "width"):
-            v = getattr(req, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % mult:
-                raise FluxDistError(f"{name} must be a positive multiple of {mult}, got {v!r}")
-        if req.height * req.width > lim.max_pixels:
-            raise FluxDistError(
-                f"{req.width}x{req.height} = {req.width * req.height} pixels exceeds the limit of {lim.max_pixels}"
-            )
-        if not isinstance(req.steps, int) or not 1 <= req.steps <= lim.max_steps:
-            raise FluxDistError(f"steps must be an integer in 1..{lim.max_steps}, got {req.steps!r}")
-        if not isinstance(req.guidance, int | float) or not math.isfinite(req.guidance) or req.guidance < 0:
-            raise FluxDistError(f"guidance must be a finite number >= 0, got {req.guidance!r}")
-        if not isinstance(req.seed, int) or req.seed < 0:
-            raise FluxDistError(f"seed must be a non-negative integer, got {req.seed!r}")
-        if not isinstance(req.max_sequence_length, int) or not 1 <= req.max_sequence_length <= 4096:
-            raise FluxDistError(f"max_sequence_length must be in 1..4096, got {req.max_sequence_length!r}")
-        if not isinstance(req.negative_prompt, str):
-            raise FluxDistError("negative_prompt must be a string")
+        check_request(req, self.cfg.limits, multiple=max(16, 2 * self.vae_scale))
 
     # -- pieces of the request path ----------------------------------------------------------
     def encode(self, prompt: str, req: RequestConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,13 +105,17 @@ class Engine:
         ids = Flux2Pipeline._prepare_latent_ids(lat).to(self.dist.device)
         return Flux2Pipeline._pack_latents(lat), ids
 
-    def decode(self, latents: torch.Tensor, ids: torch.Tensor):
+    def vae_latents(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Packed tokens -> the VAE's ``[B, C, H, W]`` input (un-normalized, un-patchified)."""
         vae = self.c.vae
         lat = Flux2Pipeline._unpack_latents_with_ids(latents, ids)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat.device, lat.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat.device, lat.dtype)
-        lat = Flux2Pipeline._unpatchify_latents(lat * std + mean)
-        img = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return Flux2Pipeline._unpatchify_latents(lat * std + mean)
+
+    def decode(self, latents: torch.Tensor, ids: torch.Tensor):
+        vae = self.c.vae
+        img = vae.decode(self.vae_latents(latents, ids).to(vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(img, output_type="pil")[0]
 
     # -- the request ---------------------------------------------------------------------------
@@ -218,6 +199,29 @@ class Engine:
 
     def close(self) -> None:
         distributed.shutdown()
+
+
+def check_request(req: RequestConfig, lim: LimitsConfig, multiple: int = 16) -> None:
+    """Same checks, same request, every rank: all ranks fail together, before any collective."""
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise FluxDistError("a prompt is required (--prompt or request.prompt)")
+    for name in ("height", "width"):
+        v = getattr(req, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % multiple:
+            raise FluxDistError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+    if req.height * req.width > lim.max_pixels:
+        raise FluxDistError(
+            f"{req.width}x{req.height} = {req.width * req.height} pixels exceeds the limit of {lim.max_pixels}")
+    if not isinstance(req.steps, int) or not 1 <= req.steps <= lim.max_steps:
+        raise FluxDistError(f"steps must be an integer in 1..{lim.max_steps}, got {req.steps!r}")
+    if not isinstance(req.guidance, int | float) or not math.isfinite(req.guidance) or req.guidance < 0:
+        raise FluxDistError(f"guidance must be a finite number >= 0, got {req.guidance!r}")
+    if not isinstance(req.seed, int) or req.seed < 0:
+        raise FluxDistError(f"seed must be a non-negative integer, got {req.seed!r}")
+    if not isinstance(req.max_sequence_length, int) or not 1 <= req.max_sequence_length <= 4096:
+        raise FluxDistError(f"max_sequence_length must be in 1..4096, got {req.max_sequence_length!r}")
+    if not isinstance(req.negative_prompt, str):
+        raise FluxDistError("negative_prompt must be a string")
 
 
 def peak_memory_gib(dev: torch.device) -> float:

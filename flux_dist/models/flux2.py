@@ -95,6 +95,8 @@ class StepInputs:
 def prepare(tr: Flux2Transformer2DModel, txt: torch.Tensor, txt_ids: torch.Tensor, img_ids: torch.Tensor,
             guidance: torch.Tensor | None) -> StepInputs:
     """RoPE tables for the local tokens, computed once per request instead of once per step."""
+    txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
     t_cos, t_sin = tr.pos_embed(txt_ids)
     i_cos, i_sin = tr.pos_embed(img_ids)
     rope = (torch.cat([t_cos, i_cos], 0), torch.cat([t_sin, i_sin], 0))

@@ -42,7 +42,7 @@ TINY_HEADS = 4
 TINY_HEAD_DIM = 16
 TINY_TEXT_HIDDEN = 32
 TINY_LATENT_CHANNELS = 8
-TINY_VAE_CHANNELS = (16, 32)  # two blocks -> VAE scale factor 2: 64x64 px -> 32x32 latents -> 256 tokens
+TINY_VAE_CHANNELS = (8, 16, 16, 32)  # four blocks -> VAE scale factor 8, as the real one: 128x128 px -> 64 tokens
 
 # Offsets that give each component its own seed stream: changing one tiny config leaves the
 # others' weights alone. seed * 1000 keeps different user seeds from colliding.
@@ -212,6 +212,35 @@ def _tiny_qwen3(tok: Any) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config)
 
 
+def _unit_gain_(module: torch.nn.Module, seed: int, only: str = "") -> None:
+    """Re-draw the matrices (names containing ``only``) as N(0, 1/fan_in): unit-gain layers.
+
+    Default inits (kaiming-uniform with a=sqrt(5), HF's std 0.02) shrink every residual update,
+    so a random model is nearly the identity on its input and ignores the prompt.
+    """
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 2 and only in name:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+
+
+def _make_text_encoder_informative(text_encoder: torch.nn.Module, pad_id: int, seed: int) -> None:
+    """Make the prompt visible in the embeddings the pipeline stacks (not just in a few rows).
+
+    Unit-variance token embeddings give O(1) hidden states like a trained encoder's; a zero pad
+    embedding turns the ~500 pad rows into summaries of the real tokens they attend to; unit-gain
+    decoder layers make those summaries large. With HF's init a prompt changed the transformer's
+    output by ~0.05%; with this, by 5-25%, so CFG and prompt handling are actually exercised.
+    """
+    g = torch.Generator("cpu").manual_seed(seed)
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.normal_(0.0, 1.0, generator=g)
+        emb[pad_id].zero_()
+    _unit_gain_(text_encoder, seed + 1, only="layers.")
+
+
 def _build_tiny(name: str, seed: int) -> Components:
     """Build on the CPU in float32, each component from its own seed, in a fixed order."""
     dev = name == "flux2-tiny"
@@ -221,8 +250,11 @@ def _build_tiny(name: str, seed: int) -> Components:
         tokenizer = build_qwen_tokenizer()
     torch.manual_seed(_seed(seed, _TEXT_SEED))
     text_encoder = _tiny_mistral3(tokenizer) if dev else _tiny_qwen3(tokenizer)
+    pad_id = (tokenizer.tokenizer if dev else tokenizer).pad_token_id
+    _make_text_encoder_informative(text_encoder, pad_id, _seed(seed, _TEXT_SEED))
     torch.manual_seed(_seed(seed, _TRANSFORMER_SEED))
     transformer = _tiny_transformer(guidance_embeds=dev)
+    _unit_gain_(transformer, _seed(seed, _TRANSFORMER_SEED))
     torch.manual_seed(_seed(seed, _VAE_SEED))
     vae = _tiny_vae()
     _set_bn_stats(vae, seed)
@@ -306,6 +338,30 @@ def _build_full(name: str, dtype: torch.dtype, device: torch.device, seed: int) 
     )
 
 
+def _cast_like_from_pretrained_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``, but non-persistent float buffers keep their dtype.
+
+    Those are computed constants such as RoPE ``inv_freq``: ``from_pretrained(dtype=bf16)``
+    leaves them in fp32, a plain ``.to(bf16)`` rounds them, and the text embeddings then differ
+    by up to ~0.7. Keeping them makes a preset equal to its saved-and-loaded copy in any dtype.
+    """
+    persistent = set(module.state_dict())
+    keep = [
+        (name, buf)
+        for name, buf in module.named_buffers()
+        if name not in persistent and buf.is_floating_point() and buf.dtype != dtype
+    ]
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(device=device, dtype=dtype)  # a real fp32-module list: keep diffusers' warning
+    else:
+        # diffusers' ModelMixin.to warns about "modules kept in float32: []" on every dtype cast.
+        torch.nn.Module.to(module, device=device, dtype=dtype)
+    for name, buf in keep:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        owner.register_buffer(attr, buf.to(device), persistent=False)
+
+
 def build_preset(
     name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
 ) -> Components:
@@ -320,9 +376,8 @@ def build_preset(
             c = _build_full(name, dtype, device, seed)
         else:
             c = _build_tiny(name, seed)
-            c.transformer.to(device=device, dtype=dtype)
-            c.vae.to(device=device, dtype=dtype)
-            c.text_encoder.to(device=device, dtype=dtype)
+            for m in (c.transformer, c.vae, c.text_encoder):
+                _cast_like_from_pretrained_(m, device, dtype)
     for m in (c.transformer, c.vae, c.text_encoder):
         if m is not None:
             m.eval().requires_grad_(False)

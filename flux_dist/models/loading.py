@@ -1,0 +1,128 @@
+"""Load a local diffusers-format FLUX.2 directory into ``Components``, strictly offline.
+
+Each component is loaded with its own class (not ``DiffusionPipeline.from_pretrained``) so that the
+engine gets plain modules, each placed on its device and dtype directly, and so that a broken
+directory fails with a message naming the missing piece instead of a hub lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+from transformers import (
+    Mistral3ForConditionalGeneration,
+    PixtralProcessor,
+    Qwen2TokenizerFast,
+    Qwen3ForCausalLM,
+)
+
+from .presets import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
+
+# model_index.json _class_name -> family
+PIPELINE_FAMILIES: dict[str, str] = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}
+COMPONENTS: tuple[str, ...] = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+
+
+def _read_model_index(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path!r} (models load from local directories only)")
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(
+            f"{path!r} has no model_index.json: not a diffusers-format pipeline directory "
+            f"(expected model_index.json and subfolders {', '.join(COMPONENTS)})"
+        )
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_file!r} is not valid JSON: {e}") from e
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file!r} must hold a JSON object")
+    return index
+
+
+def _listed(index: dict[str, Any], name: str) -> bool:
+    """model_index.json lists a component as [library, class]; [null, null] means absent."""
+    entry = index.get(name)
+    return isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] is not None
+
+
+def _check_subfolders(path: str, index: dict[str, Any]) -> None:
+    missing = [n for n in COMPONENTS if not (_listed(index, n) and os.path.isdir(os.path.join(path, n)))]
+    if missing:
+        raise FileNotFoundError(
+            f"{path!r} lacks component(s) {', '.join(missing)}: flux-dist needs all of "
+            f"{', '.join(COMPONENTS)} (each a subfolder listed in model_index.json)"
+        )
+
+
+def _own_aligned_memory_(module: torch.nn.Module) -> None:
+    """Copy tensors that still point into the memory-mapped safetensors file.
+
+    Such tensors sit at arbitrary file offsets; CPU kernels take other code paths for unaligned
+    data and round differently (~1e-6), so a loaded model would not reproduce the model it was
+    saved from bit for bit. A fresh allocation is 64-byte aligned, like a freshly built model's.
+    """
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                t.data = t.data.clone()
+
+
+def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Components:
+    """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
+
+    On an accelerator the weights are read straight onto it (``device_map``), so a 64 GB
+    transformer never takes a detour through host memory.
+    """
+    path = os.fspath(path)
+    index = _read_model_index(path)
+    class_name = index.get("_class_name")
+    if class_name not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"{path!r}: model_index.json _class_name is {class_name!r}; flux-dist loads "
+            f"{' or '.join(PIPELINE_FAMILIES)} directories only"
+        )
+    _check_subfolders(path, index)
+    family = PIPELINE_FAMILIES[class_name]
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    placement: dict[str, Any] = {} if on_cpu else {"device_map": str(device)}
+
+    def sub(name: str) -> str:
+        return os.path.join(path, name)
+
+    transformer = Flux2Transformer2DModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
+    )
+    vae = AutoencoderKLFlux2.from_pretrained(
+        path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    te_cls = Mistral3ForConditionalGeneration if family == "dev" else Qwen3ForCausalLM
+    text_encoder = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
+    if family == "dev":
+        tokenizer: Any = PixtralProcessor.from_pretrained(sub("tokenizer"), local_files_only=True)
+    else:
+        tokenizer = Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), local_files_only=True)
+    for m in (transformer, vae, text_encoder):
+        m.eval().requires_grad_(False)
+        if on_cpu:
+            _own_aligned_memory_(m)
+    return Components(
+        family=family,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        # [dev] is guidance-distilled (embedded guidance, no true CFG); [klein] says so in its index.
+        is_distilled=True if family == "dev" else bool(index.get("is_distilled", False)),
+        text_layers=DEV_TEXT_LAYERS if family == "dev" else KLEIN_TEXT_LAYERS,
+        name=path,
+    )
