@@ -47,20 +47,27 @@ def _a2a(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return fc.all_to_all_single(x.contiguous(), None, None, group)
 
 
-def ulysses_scatter_heads(qkv: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[3, B, S, H, D]`` sequence shard -> ``[3, B, u*S, H/u, D]`` head shard (one collective for q, k, v)."""
-    n, b, s, h, d = qkv.shape
-    x = qkv.reshape(n, b, s, u, h // u, d).permute(3, 0, 1, 2, 4, 5)  # [u, 3, B, S, H/u, D]
-    y = _a2a(x, group)  # [u(src), 3, B, S, H/u, D]
-    return y.permute(1, 2, 0, 3, 4, 5).reshape(n, b, u * s, h // u, d)
+def ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
+                          group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, S, H, D]`` sequence shards -> ``[B, H/u, u*S, D]`` head shards, ready for the kernel.
+
+    q, k and v travel in one all-to-all; each tensor is copied once into the send buffer and once
+    out of the receive buffer, straight into the kernel's layout.
+    """
+    b, s, h, d = q.shape
+    buf = q.new_empty(u, 3, b, s, h // u, d)
+    for i, t in enumerate((q, k, v)):
+        buf[:, i].copy_(t.view(b, s, u, h // u, d).permute(2, 0, 1, 3, 4))
+    y = _a2a(buf, group)  # [u(src), 3, B, S, H/u, D]
+    y = y.permute(1, 2, 4, 0, 3, 5).reshape(3, b, h // u, u * s, d)
+    return y[0], y[1], y[2]
 
 
 def ulysses_gather_heads(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, u*S, H/u, D]`` -> ``[B, S, H, D]``: the inverse all-to-all."""
-    b, us, hu, d = out.shape
+    """``[B, H/u, u*S, D]`` -> ``[B, S, H, D]``: the inverse all-to-all."""
+    b, hu, us, d = out.shape
     s = us // u
-    x = out.reshape(b, u, s, hu, d).permute(1, 0, 2, 3, 4)  # [u(dst), B, S, H/u, D]
-    y = _a2a(x, group)  # [u(src head group), B, S, H/u, D]
+    y = _a2a(out.reshape(b, hu, u, s, d).permute(2, 0, 3, 1, 4), group)  # [u(src head group), B, S, H/u, D]
     return y.permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d)
 
 
@@ -116,14 +123,14 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnCon
     dims = ctx.mesh.dims
     u = dims.ulysses
     if u > 1:
-        q, k, v = ulysses_scatter_heads(torch.stack([q, k, v]), u, ctx.mesh.groups["ulysses"]).unbind(0)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        q, k, v = ulysses_scatter_heads(q, k, v, u, ctx.mesh.groups["ulysses"])
+    else:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
     if dims.ring > 1:
         out = ring_attention(q, k, v, ctx)
     else:
         idx = ctx.key_index(0, q.device)
         out = kernels.attention(q, _select(k, idx), _select(v, idx))
-    out = out.transpose(1, 2)
     if u > 1:
-        out = ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
-    return out
+        return ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
+    return out.transpose(1, 2)
