@@ -32,6 +32,11 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--ulysses": ("parallel.ulysses", int),
     "--ring": ("parallel.ring", int),
     "--cfg-parallel": ("parallel.cfg_parallel", int),
+    "--cache": ("cache.mode", str),
+    "--cache-threshold": ("cache.threshold", float),
+    "--cache-warmup-steps": ("cache.warmup_steps", int),
+    "--cache-cutoff-steps": ("cache.cutoff_steps", int),
+    "--cache-coefficients": ("cache.coefficients", str),
     "--output": ("output.output", str),
     "--metrics": ("output.metrics", str),
 }
@@ -84,12 +89,66 @@ def cmd_save_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    """Run every prompt at full compute, record (signal change, output change) per step, fit TeaCache's polynomial."""
+    import dataclasses
+
+    from . import distributed
+    from .cache import fit_coefficients, write_calibration
+    from .engine import Engine, check_request
+
+    cfg = config_from_args(args)
+    cfg.cache.mode = "calibrate"
+    prompts = read_prompts(args.prompts_file)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
+    engine = Engine(cfg, info)
+    pairs: list = []
+    for i, p in enumerate(prompts):
+        res = engine.generate(dataclasses.replace(cfg.request, prompt=p, seed=cfg.request.seed + i), decode=False)
+        pairs += res.metrics["cache"]["calibration_pairs"]
+    coeffs = fit_coefficients([x for x, _ in pairs], [y for _, y in pairs], args.degree)
+    if engine.dist.is_main:
+        write_calibration(args.calib_output, coeffs, pairs, engine.c.name)
+        log.info("fitted %d pairs from %d prompts -> %s: %s", len(pairs), len(prompts), args.calib_output, coeffs)
+    engine.close()
+    return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (``.txt``) or a ``prompt`` field per line (``.jsonl``); blank lines skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FluxDistError(f"prompts file not found: {path}")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                out.append(str(json.loads(line)["prompt"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise FluxDistError(f"{path}:{n}: not a JSON object with a 'prompt': {e}") from e
+        else:
+            out.append(line.strip())
+    if not out:
+        raise FluxDistError(f"prompts file {path} has no prompts")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-dist", description="Distributed FLUX.2 inference")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image (one process, or every rank under torchrun)")
     _add_run_flags(g)
     g.set_defaults(func=cmd_generate)
+    k = sub.add_parser("calibrate-cache", help="fit TeaCache coefficients for a model over a prompts file")
+    _add_run_flags(k)
+    k.add_argument("--prompts-file", required=True, help=".txt (one prompt a line) or .jsonl with 'prompt'")
+    k.add_argument("--coefficients-file", dest="calib_output", required=True,
+                   help="YAML to write (what --cache-coefficients reads)")
+    k.add_argument("--degree", type=int, default=4)
+    k.set_defaults(func=cmd_calibrate_cache)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")
     s.add_argument("path")

@@ -64,11 +64,23 @@ class DistConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Step cache: skip whole transformer passes when the input barely changed (one decision for all ranks)."""
+
+    mode: str = "none"  # none | teacache | fbcache
+    threshold: float = 0.0  # teacache: accumulated rescaled change; fbcache: relative first-block change
+    warmup_steps: int = 1  # always computed at the start
+    cutoff_steps: int = 1  # always computed at the end
+    coefficients: list[float] | str | None = None  # teacache polynomial (highest power first) or a YAML file
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 

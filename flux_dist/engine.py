@@ -20,6 +20,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
+from . import cache as step_cache
 from . import distributed, sampling
 from .config import LimitsConfig, RequestConfig, RunConfig
 from .errors import FluxDistError
@@ -64,6 +65,8 @@ class Engine:
                 f"--cfg-parallel 2 needs a model with true CFG (a [klein] base model); '{self.c.name}' is "
                 "guidance-distilled and runs one branch per step"
             )
+        step_cache.validate(cfg.cache)
+        step_cache.resolve_coefficients(cfg.cache, self.c.family)  # fail at start-up, not mid-request
         self.tr = self.c.transformer.eval()
         self.ctx = AttnContext(self.mesh)
         flux2.parallelize(self.tr, self.ctx)
@@ -150,17 +153,21 @@ class Engine:
                     for e, i in enc]
 
         # 3. denoise.
+        cache = step_cache.make_cache(self.cfg.cache, mesh, plan, req.steps, self.c.family)
+        stacks = [cache.stack(b) if cache else flux2.image_stack for b in range(len(branches))]
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
             ts = t.expand(1).to(x.dtype) / 1000
             xin = x.to(self.tr.dtype)
-            v = flux2.forward(self.tr, xin, ts, branches[0])
+            if cache:
+                cache.begin_step(i)
+            v = flux2.forward(self.tr, xin, ts, branches[0], stacks[0])
             if do_cfg and mesh.dims.cfg > 1:
                 v = cfg_parallel_combine(v, mesh, req.guidance)
             elif do_cfg:
-                v = guided(v, flux2.forward(self.tr, xin, ts, branches[1]), req.guidance)
+                v = guided(v, flux2.forward(self.tr, xin, ts, branches[1], stacks[1]), req.guidance)
             x = sampling.euler_step(x, v, sigmas[i], sigmas[i + 1])
             sync()
             step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -191,6 +198,11 @@ class Engine:
             "step_ms": [round(v, 3) for v in step_ms],
             "peak_memory_gib": round(peak_memory_gib(dev), 3),
         }
+        if cache:
+            metrics["cache"] = cache.summary()
+            if cache.pairs:
+                metrics["cache"]["calibration_pairs"] = cache.pairs
+        metrics["cache_skipped_steps"] = len(metrics["cache"]["skipped_steps"]) if cache else 0
         return Result(latents=full, image=image, metrics=metrics)
 
     def _sync(self) -> None:

@@ -8,6 +8,7 @@ rank's ``[text shard, image shard]`` and exposes the block stack so the step cac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
 class StepInputs:
     """Per-request tensors that stay fixed across steps (local shards)."""
 
-    txt: torch.Tensor  # [B, T_loc, joint_attention_dim]
+    txt: torch.Tensor  # [B, T_loc, inner_dim]: context_embedder output, constant across steps
     rope: tuple[torch.Tensor, torch.Tensor]  # over the local [text, image] sequence
     guidance: torch.Tensor | None  # [B] (dev) or None (klein)
 
@@ -100,7 +101,7 @@ def prepare(tr: Flux2Transformer2DModel, txt: torch.Tensor, txt_ids: torch.Tenso
     t_cos, t_sin = tr.pos_embed(txt_ids)
     i_cos, i_sin = tr.pos_embed(img_ids)
     rope = (torch.cat([t_cos, i_cos], 0), torch.cat([t_sin, i_sin], 0))
-    return StepInputs(txt=txt, rope=rope, guidance=guidance)
+    return StepInputs(txt=tr.context_embedder(txt), rope=rope, guidance=guidance)
 
 
 def modulations(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor,
@@ -121,25 +122,37 @@ def first_block_signal(tr: Flux2Transformer2DModel, img: torch.Tensor, mod_img: 
 
 
 def run_blocks(tr: Flux2Transformer2DModel, img: torch.Tensor, txt: torch.Tensor, mods: tuple[torch.Tensor, ...],
-               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Every block; returns the joint local ``[text, image]`` hidden states."""
+               rope: tuple[torch.Tensor, torch.Tensor], only_first: bool = False, skip_first: bool = False):
+    """Every block; returns the joint local ``[text, image]`` hidden states.
+
+    ``only_first`` runs the first double block alone and returns ``(txt, img)``; ``skip_first``
+    runs the rest (the First-Block Cache splits the stack there).
+    """
     _, mod_img, mod_txt, mod_single = mods
-    for block in tr.transformer_blocks:
+    doubles = tr.transformer_blocks[:1] if only_first else tr.transformer_blocks[int(skip_first):]
+    for block in doubles:
         txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb_mod_img=mod_img,
                          temb_mod_txt=mod_txt, image_rotary_emb=rope)
+    if only_first:
+        return txt, img
     h = torch.cat([txt, img], dim=1)
     for block in tr.single_transformer_blocks:
         h = block(hidden_states=h, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope)
     return h
 
 
-def forward(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+def image_stack(tr: Flux2Transformer2DModel, img: torch.Tensor, txt: torch.Tensor, mods: tuple[torch.Tensor, ...],
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The block stack, image tokens out (what a step cache replaces)."""
+    return run_blocks(tr, img, txt, mods, rope)[:, txt.shape[1]:]
+
+
+def forward(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor, inp: StepInputs,
+            stack: Callable = image_stack) -> torch.Tensor:
     """One transformer pass over local shards; returns the local image velocity ``[B, I_loc, C]``."""
     mods = modulations(tr, x, timestep, inp.guidance)
-    img = tr.x_embedder(x)
-    txt = tr.context_embedder(inp.txt)
-    h = run_blocks(tr, img, txt, mods, inp.rope)
-    return head(tr, h[:, txt.shape[1]:], mods[0])
+    img = stack(tr, tr.x_embedder(x), inp.txt, mods, inp.rope)
+    return head(tr, img, mods[0])
 
 
 def head(tr: Flux2Transformer2DModel, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
