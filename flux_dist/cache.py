@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 import yaml
 
 from .config import CacheConfig
 from .errors import FluxDistError
 from .models import flux2
+from .parallel.collectives import all_gather
 from .parallel.mesh import Mesh
 from .parallel.sharding import ShardPlan
 
@@ -86,7 +86,7 @@ class SharedDecision:
         if self.mesh.world_size == 1:
             table = local[None]
         else:
-            table = fc.all_gather_tensor(local, 0, dist.group.WORLD).view(self.mesh.world_size, 2)
+            table = all_gather(local, 0, dist.group.WORLD).view(self.mesh.world_size, 2)
         rows = table.cpu().tolist()  # the one host sync per step: the boolean needs it
         n = sum(rows[r][0] for r in self.sources)
         d = sum(rows[r][1] for r in self.sources)
@@ -151,6 +151,8 @@ class StepCache:
             sig = flux2.first_block_signal(tr, img, mods[1])
             self.x = self.shared.ratio(*self._sums(sig, self.prev)) if self.prev is not None else None
             self.prev, self.skip = sig, False
+            self.log.append({"step": self.step, "rel": self.x if self.x is not None else float("nan"),
+                             "acc": 0.0, "skip": False})
         out = flux2.image_stack(tr, img, txt, mods, rope)
         if first:
             prev_out = self.residual.get(-1)

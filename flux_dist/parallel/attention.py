@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 
 from ..errors import FluxDistError
 from . import kernels
+from .collectives import all_to_all, wait
 from .mesh import Mesh
 from .sharding import ShardPlan
 
@@ -43,8 +43,8 @@ def check_heads(heads: int, ulysses: int) -> None:
 
 
 def _a2a(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0."""
-    return fc.all_to_all_single(x.contiguous(), None, None, group)
+    """Equal-split all-to-all along dim 0, waited (the next op needs it)."""
+    return wait(all_to_all(x, group))
 
 
 def ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
@@ -81,7 +81,7 @@ def _ring_shift(kv: torch.Tensor, ring: int, rank: int, group: dist.ProcessGroup
     recv = [0] * ring
     send[(rank + 1) % ring] = n
     recv[(rank - 1) % ring] = n
-    return fc.all_to_all_single(kv, recv, send, group)
+    return all_to_all(kv, group, recv, send)
 
 
 def _select(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +110,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnC
                 acc = acc * torch.exp(lse - new).unsqueeze(-1) + o.float() * torch.exp(l - new).unsqueeze(-1)
                 lse = new
         if nxt is not None:
-            kv = nxt
+            kv = wait(nxt)
     assert acc is not None, "every ring holds at least one real key"
     return acc.to(q.dtype)
 

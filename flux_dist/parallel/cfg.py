@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as fc
 
+from .collectives import all_gather
 from .mesh import Mesh
 
 
@@ -15,6 +15,6 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 def cfg_parallel_combine(pred: torch.Tensor, mesh: Mesh, scale: float) -> torch.Tensor:
     """Exchange the two branches' predictions and combine them; identical on both cfg ranks."""
-    both = fc.all_gather_tensor(pred.contiguous(), 0, mesh.groups["cfg"])
+    both = all_gather(pred, 0, mesh.groups["cfg"])
     cond, uncond = both.chunk(2, dim=0)
     return guided(cond, uncond, scale)

@@ -13,7 +13,8 @@ from functools import cached_property
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
+
+from .collectives import all_gather
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -82,5 +83,5 @@ def gather_image(x_loc: torch.Tensor, plan: ShardPlan, group: dist.ProcessGroup 
     if group is None or plan.sp == 1:
         return x_loc[:, : plan.img_len]
     # all_gather along dim 0 keeps shards in group-rank order, which is the shard order.
-    g = fc.all_gather_tensor(x_loc.transpose(0, 1).contiguous(), 0, group)
+    g = all_gather(x_loc.transpose(0, 1), 0, group)
     return g.transpose(0, 1)[:, : plan.img_len]
