@@ -28,7 +28,7 @@ def ours_fn(tr, ctx: AttnContext, kw: dict):
     """A closure running our forward on this rank's shards."""
     mesh = ctx.mesh
     plan = ShardPlan(kw["txt_ids"].shape[1], kw["img_ids"].shape[1], mesh.dims.sp, mesh.dims.ulysses)
-    ctx.plan = plan
+    ctx.set_plan(plan, kw['hidden_states'].device)
     s = mesh.sp_rank
     x = plan.shard(kw["hidden_states"], "img", s)
     inp = flux2.prepare(tr, plan.shard(kw["encoder_hidden_states"], "txt", s),

@@ -20,6 +20,9 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--model": ("model.model", str),
     "--dtype": ("model.dtype", str),
     "--device": ("model.device", str),
+    "--quant": ("model.quant", str),
+    "--compile": ("model.compile", bool),
+    "--compile-cache-dir": ("model.compile_cache_dir", str),
     "--prompt": ("request.prompt", str),
     "--negative-prompt": ("request.negative_prompt", str),
     "--height": ("request.height", int),
@@ -45,7 +48,9 @@ FLAGS: dict[str, tuple[str, type]] = {
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/); flags override it")
     for flag, (key, typ) in FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, dest=key.replace(".", "__"), help=f"overrides {key}")
+        dest = key.replace(".", "__")
+        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        p.add_argument(flag, **kind, default=None, dest=dest, help=f"overrides {key}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -20,6 +20,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # seed of the preset's random weights (not of the image)
+    quant: str = "none"  # none | fp8 | nvfp4 | auto | fp8-emulate | nvfp4-emulate (numerics only)
+    compile: bool = False  # regional torch.compile of the blocks
+    compile_backend: str = "inductor"
+    compile_cache_dir: str | None = None  # persistent inductor cache (warm starts)
 
 
 @dataclass

@@ -21,11 +21,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from . import cache as step_cache
-from . import distributed, sampling
+from . import compile as compile_mod
+from . import distributed, quant, sampling
 from .config import LimitsConfig, RequestConfig, RunConfig
 from .errors import FluxDistError
 from .models import flux2
 from .models.source import load_model
+from .parallel import kernels
 from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided
 from .parallel.mesh import Mesh, ParallelDims
@@ -68,8 +70,17 @@ class Engine:
         step_cache.validate(cfg.cache)
         step_cache.resolve_coefficients(cfg.cache, self.c.family)  # fail at start-up, not mid-request
         self.tr = self.c.transformer.eval()
+        self.quant = quant.resolve_mode(cfg.model.quant, self.dist.device)
+        n_quant = quant.quantize_transformer(self.tr, self.quant)
         self.ctx = AttnContext(self.mesh)
         flux2.parallelize(self.tr, self.ctx)
+        if cfg.model.compile:
+            compile_mod.enable_cache(cfg.model.compile_cache_dir)
+            kernels.warmup(self.dist.device, self.dtype)  # probes run eagerly, never inside a traced graph
+            compile_mod.compile_blocks(self.tr, cfg.model.compile_backend)
+        self._plans: dict[tuple[int, int], ShardPlan] = {}
+        log.info("model %s: quant=%s (%d linears), compile=%s, layout %s", self.c.name, self.quant, n_quant,
+                 cfg.model.compile, self.mesh.describe())
         vae_cfg = self.c.vae.config
         self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=self.vae_scale * 2)
@@ -141,8 +152,8 @@ class Engine:
         # 2. noise, schedule and this rank's shards.
         latents, img_ids = self.noise(req, enc[0][0].dtype)
         timesteps, sigmas = sampling.schedule(self.c.scheduler, req.steps, latents.shape[1], dev)
-        plan = ShardPlan(enc[0][0].shape[1], latents.shape[1], mesh.dims.sp, mesh.dims.ulysses)
-        self.ctx.plan = plan
+        plan = self.plan(enc[0][0].shape[1], latents.shape[1])
+        self.ctx.set_plan(plan, dev)
         s = mesh.sp_rank
         x = plan.shard(latents, "img", s)
         img_ids_loc = plan.shard(img_ids, "img", s)
@@ -186,6 +197,8 @@ class Engine:
             "layout": mesh.describe(),
             "device": str(dev),
             "dtype": self.cfg.model.dtype,
+            "quant": self.quant,
+            "compile": self.cfg.model.compile,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
                         "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg},
             "tokens": {"text": plan.txt_len, "image": plan.img_len, "per_rank": plan.local_len,
@@ -204,6 +217,13 @@ class Engine:
                 metrics["cache"]["calibration_pairs"] = cache.pairs
         metrics["cache_skipped_steps"] = len(metrics["cache"]["skipped_steps"]) if cache else 0
         return Result(latents=full, image=image, metrics=metrics)
+
+    def plan(self, txt_len: int, img_len: int) -> ShardPlan:
+        """One plan object per shape, so compiled blocks see the same object and never recompile."""
+        key = (txt_len, img_len)
+        if key not in self._plans:
+            self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses)
+        return self._plans[key]
 
     def _sync(self) -> None:
         if self.dist.device.type == "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -27,7 +28,9 @@ def _worker(fn: Callable, rank: int, world: int, port: int, q: Any, args: tuple)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         out = fn(rank, world, *args)
-        q.put((rank, "ok", out))
+        buf = io.BytesIO()  # plain bytes: shared-memory tensors would vanish when this process exits
+        torch.save(out, buf)
+        q.put((rank, "ok", buf.getvalue()))
         dist.destroy_process_group()
     except BaseException:
         q.put((rank, "error", traceback.format_exc()))
@@ -47,7 +50,9 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300.0
             rank, status, out = q.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
-            results[rank] = out
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(out), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)

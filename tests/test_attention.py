@@ -61,9 +61,9 @@ def test_plan_padding_and_key_index():
     assert (plan.txt_loc, plan.img_loc, plan.padded) == (2, 3, True)
     assert int(sum(plan.valid(s).sum() for s in range(4))) == 17
     # ring block 1 holds shards 2 and 3: text 2 real + 1 real, image 3 real + 1 real
-    idx = plan.key_index[1]
+    idx = plan.key_index()[1]
     assert idx is not None and idx.numel() == 2 + 3 + 1 + 1
-    assert ShardPlan(8, 12, 4, 2).key_index == (None, None)
+    assert ShardPlan(8, 12, 4, 2).key_index() == (None, None)
 
 
 def test_heads_not_divisible_is_an_error():

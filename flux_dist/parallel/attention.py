@@ -21,20 +21,30 @@ from .sharding import ShardPlan
 
 @dataclass
 class AttnContext:
-    """What attention needs to know about the layout; the plan changes with the request shape."""
+    """What attention needs to know about the layout; the plan changes with the request shape.
+
+    The real-key indices are materialized on the device when the plan is set, so the attention code
+    (possibly compiled) only reads a tuple.
+    """
 
     mesh: Mesh
     plan: ShardPlan | None = None
-    _index_cache: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    key_idx: tuple[torch.Tensor | None, ...] = ()
 
-    def key_index(self, block: int, device: torch.device) -> torch.Tensor | None:
-        idx = self.plan.key_index[block] if self.plan is not None else None
-        if idx is None:
-            return None
-        key = (self.plan, block, device)
-        if key not in self._index_cache:
-            self._index_cache[key] = idx.to(device)
-        return self._index_cache[key]
+    def __post_init__(self) -> None:
+        if self.plan is not None:
+            plan, self.plan = self.plan, None
+            self.set_plan(plan, self.device)
+
+    def set_plan(self, plan: ShardPlan, device: torch.device) -> None:
+        if plan is self.plan and device == self.device:
+            return
+        self.plan, self.device = plan, device
+        self.key_idx = tuple(None if i is None else i.to(device) for i in plan.key_index())
+
+    def key_index(self, block: int) -> torch.Tensor | None:
+        return self.key_idx[block] if self.key_idx else None
 
 
 def check_heads(heads: int, ulysses: int) -> None:
@@ -99,7 +109,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnC
     for step in range(ring):
         nxt = _ring_shift(kv, ring, r, group) if step + 1 < ring else None
         src = (r - step) % ring
-        idx = ctx.key_index(src, q.device)
+        idx = ctx.key_index(src)
         kb, vb = _select(kv[0], idx), _select(kv[1], idx)
         if kb.shape[2] > 0:
             o, l = kernels.attention_lse(q, kb, vb)
@@ -129,7 +139,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnCon
     if dims.ring > 1:
         out = ring_attention(q, k, v, ctx)
     else:
-        idx = ctx.key_index(0, q.device)
+        idx = ctx.key_index(0)
         out = kernels.attention(q, _select(k, idx), _select(v, idx))
     if u > 1:
         return ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])

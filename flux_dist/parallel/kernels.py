@@ -50,6 +50,12 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return _math_lse(q, k, v)
 
 
+def warmup(device: torch.device, dtype: torch.dtype) -> None:
+    """Run the one-time kernel probes now (outside any torch.compile trace)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        _cudnn_ok()
+
+
 def _math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path (float32 on GPU): scores materialized, fine for tests, slow for real shapes."""
     s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5

@@ -9,7 +9,6 @@ them by index, so the result does not depend on the layout. A rank's local seque
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -52,7 +51,6 @@ class ShardPlan:
         i = torch.arange(self.img_loc) + shard * self.img_loc < self.img_len
         return torch.cat([t, i])
 
-    @cached_property
     def key_index(self) -> tuple[torch.Tensor | None, ...]:
         """Per ring block, the indices of real keys in the ulysses-gathered sequence (None: all real).
 

@@ -1,0 +1,186 @@
+"""Low-precision linears: FP8 (Hopper, Ada) and NVFP4 (Blackwell), with CPU references.
+
+FP8: E4M3 weights with one scale per output channel, activations quantized per token at run time,
+one ``torch._scaled_mm`` (row-wise scales, bf16 out) per linear. NVFP4: E2M1 values, one E4M3 scale
+per 16 elements and one FP32 scale per tensor; its GEMM exists only on sm_100+ (``torch._scaled_mm``
+with ``float4_e2m1fn_x2``). Where a kernel cannot run (CPU, or NVFP4 before Blackwell) the layer can
+*emulate* it — dequantize and multiply in high precision — which is for validating numerics only:
+it is slower than bf16 and says so loudly; ``auto`` never picks it.
+
+Layers NVIDIA keeps in high precision for FLUX.2 stay in the model's dtype (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .errors import FluxDistError, NotSupportedError
+
+log = logging.getLogger("flux_dist")
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+BLOCK = 16
+MODES = ("none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "auto")
+
+# Block-level linears quantized in FLUX.2 (everything else stays high precision: embedders,
+# time/guidance embedding, modulation, norm_out, proj_out, the text stream's attention projections).
+QUANTIZED = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.linear_in", "ff.linear_out",
+             "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out")
+
+
+# -- FP8 -----------------------------------------------------------------------------------------
+def quantize_fp8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) E4M3 with float32 scales ``[..., 1]``: ``x ~ q * scale``."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+# -- NVFP4 ---------------------------------------------------------------------------------------
+def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 magnitude index (0..7) of ``|v| <= 6`` (ties to the even code, as hardware does)."""
+    grid = FP4_GRID.to(v.device)
+    d = (v.abs().unsqueeze(-1) - grid).abs()
+    idx = d.argmin(dim=-1)
+    # argmin picks the lower index on ties; move to the even code where the upper one is even
+    up = d.gather(-1, (idx + 1).clamp(max=7).unsqueeze(-1)).squeeze(-1)
+    tie = (up == d.gather(-1, idx.unsqueeze(-1)).squeeze(-1)) & (idx < 7)
+    return torch.where(tie & (idx % 2 == 1), idx + 1, idx)
+
+
+def quantize_nvfp4(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed uint8 [..., K/2], block scales e4m3 [..., K/16], global fp32 scale)``.
+
+    ``x ~ e2m1 * block_scale * global``; global = amax / (448 * 6) so block scales fill E4M3's range.
+    Weights take one global scale per tensor; activations one per token (``per_row``), so a token
+    quantizes the same whichever rank holds it and the result does not depend on the layout.
+    """
+    if x.shape[-1] % BLOCK:
+        raise FluxDistError(f"NVFP4 needs the inner dimension to be a multiple of {BLOCK}, got {x.shape[-1]}")
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(())
+    g = amax.clamp(min=1e-12) / (FP8_MAX * FP4_MAX)
+    blocks = xf.reshape(*x.shape[:-1], -1, BLOCK)
+    bs = (blocks.abs().amax(-1) / FP4_MAX / g).clamp(max=FP8_MAX).to(FP8)  # E4M3 block scale
+    denom = (bs.float() * g).unsqueeze(-1)
+    v = torch.where(denom > 0, blocks / denom.clamp(min=1e-30), torch.zeros_like(blocks)).clamp(-FP4_MAX, FP4_MAX)
+    code = _round_e2m1(v) | ((v < 0).to(torch.int64) << 3)
+    code = code.reshape(*x.shape[:-1], -1).to(torch.uint8)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)  # low nibble first, as float4_e2m1fn_x2
+    return packed, bs, g
+
+
+def dequantize_nvfp4(packed: torch.Tensor, bs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    code = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1).long()
+    mag = FP4_GRID.to(packed.device)[code & 7]
+    val = torch.where(code >= 8, -mag, mag)
+    blocks = val.reshape(*val.shape[:-1], -1, BLOCK) * (bs.float() * g).unsqueeze(-1)
+    return blocks.reshape(*val.shape)
+
+
+def _to_blocked(scales: torch.Tensor) -> torch.Tensor:
+    """Swizzle ``[rows, K/16]`` E4M3 scales into cuBLAS' 128x4 tiled layout (sm_100 block-scaled GEMM)."""
+    rows, cols = scales.shape
+    pr, pc = -(-rows // 128) * 128, -(-cols // 4) * 4
+    padded = scales.new_zeros(pr, pc)
+    padded[:rows, :cols] = scales
+    tiles = padded.view(pr // 128, 128, pc // 4, 4).permute(0, 2, 1, 3)
+    return tiles.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
+
+
+# -- modules -------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A linear whose weight is stored quantized; activations are quantized per call."""
+
+    def __init__(self, lin: nn.Linear, mode: str) -> None:
+        super().__init__()
+        self.mode, self.in_features, self.out_features = mode, lin.in_features, lin.out_features
+        self.out_dtype = lin.weight.dtype
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        w = lin.weight.detach()
+        if mode.startswith("fp8"):
+            q, s = quantize_fp8_rowwise(w)
+            self.register_buffer("weight_q", q)
+            self.register_buffer("weight_scale", s.reshape(1, -1).contiguous())  # [1, N] for scale_b
+        else:
+            p, bs, g = quantize_nvfp4(w)
+            self.register_buffer("weight_q", p)
+            self.register_buffer("weight_block_scale", bs)
+            self.register_buffer("weight_global", g)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.mode == "fp8":
+            xq, xs = quantize_fp8_rowwise(x2)
+            y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
+                                 bias=self.bias, out_dtype=self.out_dtype)
+        elif self.mode == "fp8-emulate":
+            w = dequantize_fp8(self.weight_q, self.weight_scale.reshape(-1, 1))
+            y = dequantize_fp8(*quantize_fp8_rowwise(x2)) @ w.t()
+            y = (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
+        elif self.mode == "nvfp4":
+            y = self._nvfp4_gemm(x2)
+        else:  # nvfp4-emulate
+            w = dequantize_nvfp4(self.weight_q, self.weight_block_scale, self.weight_global)
+            y = dequantize_nvfp4(*quantize_nvfp4(x2, per_row=True)) @ w.t()
+            y = (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _nvfp4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """Blackwell path: FP4 x FP4 with swizzled E4M3 block scales; the two global scales after."""
+        xp, xbs, xg = quantize_nvfp4(x2, per_row=True)
+        fp4 = torch.float4_e2m1fn_x2
+        y = torch._scaled_mm(xp.view(fp4), self.weight_q.view(fp4).t(), scale_a=_to_blocked(xbs),
+                             scale_b=_to_blocked(self.weight_block_scale), out_dtype=torch.bfloat16)
+        y = y * (xg * self.weight_global)
+        return (y if self.bias is None else y + self.bias).to(self.out_dtype)
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``auto``: NVFP4 on sm_100+, FP8 on sm_89 / sm_90, none elsewhere (never an emulation)."""
+    if mode not in MODES:
+        raise FluxDistError(f"unknown quantization '{mode}' (choose from {', '.join(MODES)})")
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    if mode == "auto":
+        return "nvfp4" if cap >= (10, 0) else "fp8" if cap >= (8, 9) else "none"
+    if mode == "fp8" and cap < (8, 9):
+        raise NotSupportedError(f"FP8 GEMMs need sm_89+ (Ada/Hopper), this device is {device} sm_{cap[0]}{cap[1]}; "
+                                "use --quant fp8-emulate to validate numerics (slow)")
+    if mode == "nvfp4" and cap < (10, 0):
+        raise NotSupportedError(f"NVFP4 GEMMs need Blackwell (sm_100+), this device is {device} "
+                                f"sm_{cap[0]}{cap[1]}; use --quant nvfp4-emulate to validate numerics (slow)")
+    if mode.endswith("emulate"):
+        log.warning("*** --quant %s EMULATES low-precision GEMMs in high precision: numerics only, SLOWER "
+                    "than bf16; never use it for speed ***", mode)
+    return mode
+
+
+def quantize_transformer(tr: nn.Module, mode: str) -> int:
+    """Swap the block linears for QuantLinear in place; returns how many were swapped."""
+    if mode == "none":
+        return 0
+    n = 0
+    for blocks in (tr.transformer_blocks, tr.single_transformer_blocks):
+        for block in blocks:
+            for name, mod in list(block.named_modules()):
+                if isinstance(mod, nn.Linear) and name in QUANTIZED:
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(block.get_submodule(parent), leaf, QuantLinear(mod, mode))
+                    n += 1
+    return n
