@@ -54,6 +54,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    if args.prompts_file:
+        from .batch import run_batch
+
+        engine = Engine(cfg, info)
+        code = run_batch(cfg, engine, args.prompts_file, args.output_dir)
+        if code == 0:
+            engine.close()
+        return code
     check_request(cfg.request, cfg.limits)  # before the (slow) model load
     engine = Engine(cfg, info)
     result = engine.generate(cfg.request)
@@ -69,6 +77,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             log.info("wrote %s (denoise %.2f s, %s)", m, result.metrics["denoise_s"], result.metrics["layout"])
     engine.close()
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load once on every rank, then serve HTTP from rank 0 until SIGTERM / SIGINT."""
+    from . import distributed
+    from .engine import Engine
+    from .server import serve
+
+    cfg = config_from_args(args)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    engine = Engine(cfg, info)
+    code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
+                 max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
+    if code == 0:
+        engine.close()
+    return code
 
 
 def cmd_save_preset(args: argparse.Namespace) -> int:
@@ -89,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image (one process, or every rank under torchrun)")
     _add_run_flags(g)
+    g.add_argument("--prompts-file", help="batch mode: one request a line (.txt prompts, or .jsonl objects)")
+    g.add_argument("--output-dir", default="out/batch", help="batch mode: images and manifest.json go here")
     g.set_defaults(func=cmd_generate)
+    v = sub.add_parser("serve", help="serve HTTP (OpenAI images API) from rank 0, every rank computing")
+    _add_run_flags(v)
+    v.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env FLUX_DIST_API_KEY)")
+    v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429")
+    v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits before 504")
+    v.set_defaults(func=cmd_serve)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")
     s.add_argument("path")
