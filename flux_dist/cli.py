@@ -90,9 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(cfg, info)
     code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
                  max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
-    if code == 0:
-        engine.close()
-    return code
+    if code:  # the ranks lost each other (already logged): exit now, no peer is left to wait for
+        sys.stderr.flush()
+        os._exit(code)
+    engine.close()
+    return 0
 
 
 def cmd_save_preset(args: argparse.Namespace) -> int:

@@ -146,3 +146,22 @@ def test_model_failure_is_a_500_and_the_ranks_stay_in_step():
     assert "rank 1" not in body["error"]["message"]
     assert r0["health"] == 200
     assert re.search(r"^flux_dist_request_failures_total 2$", r0["metrics"], re.M)
+
+
+def test_port_in_use_is_a_clear_error_before_serving():
+    import socket
+
+    from flux_dist.config import load_config
+    from flux_dist.engine import Engine
+    from flux_dist.errors import FluxDistError
+    from flux_dist.server import serve
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), {"parallel.ulysses": 1})
+    engine = Engine(cfg)  # one process: no process group
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(FluxDistError, match="cannot listen on 127.0.0.1"):
+            serve(cfg, engine, "127.0.0.1", busy.getsockname()[1])
+    with pytest.raises(FluxDistError, match="at least 1"):
+        serve(cfg, engine, "127.0.0.1", 0, max_queue=0)
