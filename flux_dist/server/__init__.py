@@ -60,10 +60,11 @@ def serve(
     # Serving from here: a dead peer should fail the next collective in minutes, not the start-up timeout.
     distributed.set_timeout(cfg.dist.timeout_s)
     hb = heartbeat_s if heartbeat_s is not None else max(0.5, min(5.0, cfg.dist.timeout_s / 4))
-    stop = stop or StopSignal()
+    stop = stop or StopSignal(exit_on_second=main)
     stop.install()
     hooks = LoopHooks()
     if front is not None:
+        front.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
         front.start()
         h, p = front.address
         log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request)", engine.c.name, h, p,

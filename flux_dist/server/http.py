@@ -65,6 +65,7 @@ class FrontEnd:
         self.metrics = Metrics()
         self.ready = threading.Event()
         self.down_reason: str | None = None
+        self.stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         front = self
@@ -199,13 +200,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         fe = self.fe
         if path == "/health":
-            if fe.ready.is_set():
+            if fe.stopping.is_set() and fe.down_reason is None:
+                self._json(503, {"status": "stopping", "reason": "shutting down"})
+            elif fe.ready.is_set():
                 self._json(200, {"status": "ready", "model": fe.model_name, "queue_length": fe.jobs.qsize()})
             else:
                 self._json(503, {"status": "down" if fe.down_reason else "starting", "reason": fe.down_reason})
         elif path == "/metrics":
             text = fe.metrics.render(queue_length=fe.jobs.qsize(), queue_limit=fe.jobs.maxsize,
-                                     ready=fe.ready.is_set())
+                                     ready=fe.ready.is_set() and not fe.stopping.is_set())
             self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             raise HTTPError(404, f"no route GET {path}")
@@ -223,8 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path != GENERATIONS:
             raise HTTPError(404, f"no route POST {path}")
         fe.metrics.generation()
-        if not fe.ready.is_set():
-            raise HTTPError(503, f"not ready: {fe.down_reason or 'starting'}", "server_error")
+        if not fe.ready.is_set() or fe.stopping.is_set():
+            reason = fe.down_reason or ("shutting down" if fe.stopping.is_set() else "starting")
+            raise HTTPError(503, f"not ready: {reason}", "server_error")
         try:
             spec = parse_generation(raw, fe.defaults, true_cfg=fe.true_cfg, max_images=fe.opts.max_images,
                                     validate=fe.validate)

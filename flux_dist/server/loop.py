@@ -112,11 +112,14 @@ def run_together(engine: Any, requests: list[RequestConfig]) -> JobOutcome:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT -> a flag the loop reads between messages (a second signal exits at once)."""
+    """SIGTERM / SIGINT -> a flag the loop reads between messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, exit_on_second: bool = True) -> None:
         self.event = threading.Event()
         self.when = 0.0
+        # Rank 0: a second signal is the user insisting. Other ranks: under torchrun the agent's own
+        # SIGTERM follows the user's SIGINT; they keep waiting for rank 0's stop message instead.
+        self.exit_on_second = exit_on_second
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -126,6 +129,8 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.event.is_set():
+            if not self.exit_on_second:
+                return
             import os
 
             log.error("second signal %d: exiting now", signum)
