@@ -208,7 +208,7 @@ def test_api_key_enforced(keyed):
 
 def test_queue_limit_gives_429(keyed):
     """Queue of one: one job runs, one waits, the rest of a simultaneous burst is told 429."""
-    slow = {**GOOD, "size": "128x128", "num_inference_steps": 6}
+    slow = {**GOOD, "size": "128x128", "num_inference_steps": 10}
     go = threading.Barrier(8)
 
     def one(i: int) -> tuple[int, dict]:
