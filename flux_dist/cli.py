@@ -64,6 +64,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    if args.prompts_file:
+        from .batch import run_batch
+
+        engine = Engine(cfg, info)
+        code = run_batch(cfg, engine, args.prompts_file, args.output_dir)
+        if code == 0:
+            engine.close()
+        return code
     check_request(cfg.request, cfg.limits)  # before the (slow) model load
     engine = Engine(cfg, info)
     result = engine.generate(cfg.request)
@@ -77,6 +85,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             m.parent.mkdir(parents=True, exist_ok=True)
             m.write_text(json.dumps({**result.metrics, "config": to_dict(cfg)}, indent=2))
             log.info("wrote %s (denoise %.2f s, %s)", m, result.metrics["denoise_s"], result.metrics["layout"])
+    engine.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load once on every rank, then serve HTTP from rank 0 until SIGTERM / SIGINT."""
+    from . import distributed
+    from .engine import Engine
+    from .server import serve
+
+    cfg = config_from_args(args)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    engine = Engine(cfg, info)
+    code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
+                 max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
+    if code:  # the ranks lost each other (already logged): exit now, no peer is left to wait for
+        sys.stderr.flush()
+        os._exit(code)
     engine.close()
     return 0
 
@@ -121,21 +147,17 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per line (``.txt``) or a ``prompt`` field per line (``.jsonl``); blank lines skipped."""
+    """The prompts of a batch-mode prompts file (``.txt`` or ``.jsonl``); a bad line is an error here."""
+    from .batch import parse_lines
+
     p = Path(path)
     if not p.is_file():
         raise FluxDistError(f"prompts file not found: {path}")
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                out.append(str(json.loads(line)["prompt"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise FluxDistError(f"{path}:{n}: not a JSON object with a 'prompt': {e}") from e
-        else:
-            out.append(line.strip())
+    for n, fields in parse_lines(p.read_text(), jsonl=p.suffix == ".jsonl", true_cfg=True):
+        if isinstance(fields, str):
+            raise FluxDistError(f"{path}:{n}: {fields}")
+        out.append(fields["prompt"])
     if not out:
         raise FluxDistError(f"prompts file {path} has no prompts")
     return out
@@ -146,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image (one process, or every rank under torchrun)")
     _add_run_flags(g)
+    g.add_argument("--prompts-file", help="batch mode: one request a line (.txt prompts, or .jsonl objects)")
+    g.add_argument("--output-dir", default="out/batch", help="batch mode: images and manifest.json go here")
     g.set_defaults(func=cmd_generate)
     k = sub.add_parser("calibrate-cache", help="fit TeaCache coefficients for a model over a prompts file")
     _add_run_flags(k)
@@ -154,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML to write (what --cache-coefficients reads)")
     k.add_argument("--degree", type=int, default=4)
     k.set_defaults(func=cmd_calibrate_cache)
+    v = sub.add_parser("serve", help="serve HTTP (OpenAI images API) from rank 0, every rank computing")
+    _add_run_flags(v)
+    v.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env FLUX_DIST_API_KEY)")
+    v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429")
+    v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
+    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits before 504")
+    v.set_defaults(func=cmd_serve)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")
     s.add_argument("path")

@@ -1,0 +1,129 @@
+"""Batch mode: one launch, one model load, every line of a prompts file an image.
+
+Rank 0 reads the file and broadcasts the parsed lines, so every rank walks the same list; each
+line is checked with ``Engine.validate`` before any collective (the same verdict on every rank,
+so all ranks skip a bad line together) and run with the server's agreement protocol, so a model
+failure on one line is reported and the rest still run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import FluxDistError
+from .server.loop import broadcast, run_together
+from .server.protocol import request_fields
+
+log = logging.getLogger("flux_dist")
+
+LINE_FIELDS = {"prompt", "negative_prompt", "seed", "size", "height", "width", "steps", "num_inference_steps",
+               "guidance", "guidance_scale"}
+EXIT_SOME_FAILED = 3
+
+
+def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, dict[str, Any] | str]]:
+    """``(line number, request fields)`` per request line, or ``(line number, error message)``.
+
+    Plain text: one prompt a line. JSONL: one object a line with ``prompt`` and optionally ``seed``,
+    ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``. Blank lines and
+    lines starting with ``#`` are skipped in both.
+    """
+    out: list[tuple[int, dict[str, Any] | str]] = []
+    for no, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if not jsonl:
+            out.append((no, {"prompt": s}))
+            continue
+        try:
+            obj = json.loads(s)
+            if not isinstance(obj, dict):
+                raise FluxDistError(f"a line must be a JSON object, got {type(obj).__name__}")
+            unknown = sorted(set(obj) - LINE_FIELDS)
+            if unknown:
+                raise FluxDistError(f"unknown field(s) {', '.join(map(repr, unknown))} "
+                                    f"(known: {', '.join(sorted(LINE_FIELDS))})")
+            out.append((no, request_fields(obj, true_cfg=true_cfg)))
+        except json.JSONDecodeError as e:
+            out.append((no, f"not valid JSON: {e}"))
+        except FluxDistError as e:
+            out.append((no, str(e)))
+    return out
+
+
+def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -> int:
+    """Generate every line of ``prompts_file`` into ``output_dir`` (call on every rank). Returns the exit code."""
+    main = engine.dist.is_main
+    parsed: Any = None
+    if main:
+        p = Path(prompts_file)
+        try:
+            text = p.read_text(encoding="utf-8")
+            parsed = parse_lines(text, jsonl=p.suffix.lower() in (".jsonl", ".json", ".ndjson"),
+                                 true_cfg=engine.true_cfg)
+        except (OSError, UnicodeDecodeError) as e:
+            parsed = f"cannot read prompts file {prompts_file}: {e}"
+    parsed = broadcast(("lines", parsed), engine.dist.device)[1]
+    if isinstance(parsed, str):
+        raise FluxDistError(parsed)
+    if not parsed:
+        raise FluxDistError(f"no requests in {prompts_file} (blank lines and '#' comments are skipped)")
+
+    out = Path(output_dir)
+    manifest_path = out / "manifest.json"
+    manifest: dict[str, Any] = {"prompts_file": str(prompts_file), "model": engine.c.name,
+                                "layout": engine.mesh.describe(), "images": [], "errors": []}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    failed: list[int] = []  # every rank skips the same lines, so every rank returns the same code
+
+    def fail(no: int, msg: str) -> None:
+        failed.append(no)
+        if main:
+            log.error("%s line %d skipped: %s", prompts_file, no, msg)
+            manifest["errors"].append({"line": no, "error": msg})
+
+    for i, (no, item) in enumerate(parsed):
+        if isinstance(item, str):
+            fail(no, item)
+            continue
+        try:
+            req = dataclasses.replace(cfg.request, **item)
+            engine.validate(req)  # the same verdict on every rank: all skip together, before any collective
+        except (FluxDistError, TypeError) as e:
+            fail(no, str(e))
+            continue
+        t0 = time.perf_counter()
+        outcome = run_together(engine, [req])  # FatalError (ranks out of step) ends the batch
+        if not outcome.ok:
+            fail(no, "; ".join(outcome.errors))
+            continue
+        if main:
+            res = outcome.results[0]
+            name = f"{i:05d}.png"
+            res.image.save(out / name)
+            manifest["images"].append({
+                "line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
+                "guidance": req.guidance, "time_s": round(time.perf_counter() - t0, 4),
+                "denoise_s": res.metrics.get("denoise_s"),
+                "cache_skipped_steps": res.metrics.get("cache_skipped_steps", 0),
+            })
+            log.info("[%d/%d] wrote %s (%s)", i + 1, len(parsed), out / name, req.prompt[:60])
+        if main:  # rewritten after every image: an interrupted batch still lists what it wrote
+            manifest_path.write_text(json.dumps(manifest, indent=2))
+    if main:
+        manifest["total_s"] = round(time.perf_counter() - t_all, 3)
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        n_ok, n_bad = len(manifest["images"]), len(manifest["errors"])
+        log.info("batch done: %d image(s), %d line(s) skipped, manifest %s", n_ok, n_bad, manifest_path)
+    return EXIT_SOME_FAILED if failed else 0

@@ -1,0 +1,84 @@
+"""HTTP serving: rank 0 answers HTTP, every rank runs the same serving loop.
+
+``serve(cfg, engine, host, port, ...)`` is the one entry point; torchrun (``flux-dist serve``), a
+Slurm job or a Ray actor calls it on every rank once the engine is loaded, and it returns the
+process exit code (0 after a stop, non-zero when the ranks lost each other).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import distributed
+from ..config import RunConfig
+from ..errors import FluxDistError
+from .http import FrontEnd, ServeOptions
+from .loop import Job, JobOutcome, LoopHooks, StopSignal, broadcast, run_together, serve_loop
+
+__all__ = ["Job", "JobOutcome", "ServeOptions", "StopSignal", "serve", "run_together"]
+
+log = logging.getLogger("flux_dist")
+
+
+def serve(
+    cfg: RunConfig,
+    engine: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 16,
+    max_images: int = 4,
+    request_timeout_s: float = 600.0,
+    heartbeat_s: float | None = None,
+    stop: StopSignal | None = None,
+    on_listening: Any = None,
+) -> int:
+    """Serve until stopped; call on every rank with the same arguments. Returns the exit code.
+
+    ``stop`` lets an embedding launcher stop the server itself; by default SIGTERM / SIGINT do.
+    ``on_listening(host, port)`` is called on rank 0 once the socket is bound (port 0 -> the real one).
+    """
+    if max_queue < 1 or max_images < 1:
+        raise FluxDistError("--max-queue and --max-images must be at least 1")
+    main = engine.dist.is_main
+    front: FrontEnd | None = None
+    err: str | None = None
+    if main:
+        opts = ServeOptions(host, port, api_key or None, max_queue, max_images, request_timeout_s)
+        try:
+            front = FrontEnd(opts, cfg.request, validate=engine.validate, true_cfg=engine.true_cfg,
+                             model_name=engine.c.name)
+        except OSError as e:
+            err = f"cannot listen on {host}:{port}: {e}"
+    # Doubles as the start-up barrier: every rank has its engine once this returns, and a rank 0
+    # that cannot listen takes every rank down with the same message.
+    status = broadcast(("start", err), engine.dist.device)
+    if status[1]:
+        raise FluxDistError(status[1])
+    # Serving from here: a dead peer should fail the next collective in minutes, not the start-up timeout.
+    distributed.set_timeout(cfg.dist.timeout_s)
+    hb = heartbeat_s if heartbeat_s is not None else max(0.5, min(5.0, cfg.dist.timeout_s / 4))
+    stop = stop or StopSignal(exit_on_second=main)
+    stop.install()
+    hooks = LoopHooks()
+    if front is not None:
+        front.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
+        front.start()
+        h, p = front.address
+        log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request)", engine.c.name, h, p,
+                 " with an API key" if api_key else "", max_queue, max_images)
+        if on_listening is not None:
+            on_listening(h, p)
+        hooks = LoopHooks(on_ready=front.mark_ready, on_fatal=front.mark_down)
+    code = 1
+    try:
+        code = serve_loop(engine, front.jobs if front else None, stop, heartbeat_s=hb, hooks=hooks)
+    finally:
+        if front is not None:
+            front.mark_down("shutting down" if code == 0 else "a rank failed")
+            front.close()
+    log.info("server stopped (exit %d)", code)
+    return code
+

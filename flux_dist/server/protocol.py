@@ -1,0 +1,155 @@
+"""HTTP body -> image requests, checked on rank 0 before anything reaches the other ranks.
+
+Pure functions (no torch, no sockets) so every rule is unit-tested without a server, and so the
+batch mode's JSONL lines obey the same field rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import RequestConfig
+from ..errors import FluxDistError
+
+MAX_BODY_BYTES = 1 << 20  # a prompt is text: a megabyte is already absurd
+SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+MAX_SEED = 2**63 - 1
+
+
+class BadRequest(FluxDistError):
+    """The client's fault: a 400 with this message; nothing was broadcast."""
+
+
+@dataclass
+class GenerationJob:
+    """What one POST asks for: ``n`` requests that differ only in the seed (seed, seed+1, ...)."""
+
+    requests: list[RequestConfig]
+    response_format: str = "b64_json"
+
+
+def _int(body: dict, key: str, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadRequest(f"'{key}' must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise BadRequest(f"'{key}' must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _str(body: dict, key: str) -> str | None:
+    v = body.get(key)
+    if v is not None and not isinstance(v, str):
+        raise BadRequest(f"'{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def parse_size(size: Any) -> tuple[int, int]:
+    """``"WxH"`` -> (width, height)."""
+    if not isinstance(size, str):
+        raise BadRequest(f"'size' must be a string like \"1024x1024\", got {type(size).__name__}")
+    m = SIZE_RE.match(size)
+    if not m:
+        raise BadRequest(f"'size' must look like \"WIDTHxHEIGHT\" (e.g. \"1024x768\"), got {size!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def request_fields(body: dict, *, true_cfg: bool) -> dict[str, Any]:
+    """The per-image fields shared by the HTTP API and batch JSONL lines, as RequestConfig keys.
+
+    Accepts the OpenAI / diffusers names (``num_inference_steps``, ``guidance_scale``, ``size``) and
+    the config names (``steps``, ``guidance``, ``height``/``width``).
+    """
+    out: dict[str, Any] = {}
+    prompt = _str(body, "prompt")
+    if prompt is None or not prompt.strip():
+        raise BadRequest("'prompt' is required and must be a non-empty string")
+    out["prompt"] = prompt
+    neg = _str(body, "negative_prompt")
+    if neg is not None:
+        if not true_cfg:
+            raise BadRequest("'negative_prompt' is only used by models with true CFG ([klein] base); this model is "
+                             "guidance-distilled")
+        out["negative_prompt"] = neg
+    if "size" in body and ("height" in body or "width" in body):
+        raise BadRequest("give either 'size' or 'height'/'width', not both")
+    if "size" in body:
+        out["width"], out["height"] = parse_size(body["size"])
+    for key in ("height", "width"):
+        v = _int(body, key, 1, 1 << 20)
+        if v is not None:
+            out[key] = v
+    for names, dest in ((("num_inference_steps", "steps"), "steps"), (("guidance_scale", "guidance"), "guidance")):
+        given = [k for k in names if k in body]
+        if len(given) > 1:
+            raise BadRequest(f"give one of {' / '.join(repr(k) for k in names)}, not both")
+        if not given:
+            continue
+        key = given[0]
+        if dest == "steps":
+            out[dest] = _int(body, key, 1, 1 << 20)
+        else:
+            g = body[key]
+            if not isinstance(g, int | float) or isinstance(g, bool) or not math.isfinite(g) or g < 0:
+                raise BadRequest(f"'{key}' must be a finite number >= 0, got {g!r}")
+            out[dest] = float(g)
+    seed = _int(body, "seed", 0, MAX_SEED)
+    if seed is not None:
+        out["seed"] = seed
+    return {k: v for k, v in out.items() if v is not None}
+
+
+GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "seed", "num_inference_steps", "guidance_scale",
+                     "negative_prompt", "model", "user"}
+
+
+def parse_generation(
+    raw: bytes,
+    defaults: RequestConfig,
+    *,
+    true_cfg: bool,
+    max_images: int,
+    validate: Callable[[RequestConfig], None],
+) -> GenerationJob:
+    """``POST /v1/images/generations`` body -> a job, or ``BadRequest`` with a message a client can act on.
+
+    ``validate`` is ``Engine.validate``: the exact checks ``generate`` repeats on every rank, run here
+    first so a bad request never reaches a collective.
+    """
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - GENERATION_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(GENERATION_FIELDS))
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))} (known: {known})")
+    _str(body, "model")  # accepted for OpenAI clients; one server serves one model
+    _str(body, "user")
+    fmt = _str(body, "response_format") or "b64_json"
+    if fmt != "b64_json":
+        raise BadRequest(f"'response_format' {fmt!r} is not supported: this server returns 'b64_json' only")
+    n = _int(body, "n", 1, max_images) or 1
+    fields = request_fields(body, true_cfg=true_cfg)
+    # The server's fixed knobs (max_sequence_length) come from the config; a missing seed is drawn here
+    # (rank 0) and travels with the request, so every rank still uses the same one.
+    fields.setdefault("seed", secrets.randbelow(2**31))
+    if fields["seed"] + n - 1 > MAX_SEED:
+        raise BadRequest("'seed' + n - 1 overflows the seed range")
+    base = dataclasses.replace(defaults, **fields)
+    try:
+        validate(base)
+    except FluxDistError as e:
+        raise BadRequest(str(e)) from None
+    return GenerationJob([dataclasses.replace(base, seed=base.seed + i) for i in range(n)], fmt)
