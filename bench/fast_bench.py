@@ -17,6 +17,7 @@ from bench.common import log, pass_inputs, time_ms, write_json
 from bench.pass_bench import ours_fn
 from flux_dist import distributed, quant
 from flux_dist.compile import compile_blocks
+from flux_dist.graphs import GraphedStack
 from flux_dist.models import flux2
 from flux_dist.models.presets import build_preset
 from flux_dist.parallel import kernels
@@ -39,7 +40,9 @@ def variants(tr, ctx, dev, rows: dict, tag: str) -> None:
     torch.cuda.synchronize()
     rows[f"ours-{tag}-compile-first-call-s"] = time.perf_counter() - t0
     rows[f"ours-{tag}-compile"] = time_ms(fn)
-    log(tag, "compile", rows[f"ours-{tag}-compile"], "first call s", rows[f"ours-{tag}-compile-first-call-s"])
+    rows[f"ours-{tag}-compile-rel-err-vs-eager"] = ((fn().float() - ref).norm() / ref.norm()).item()
+    log(tag, "compile", rows[f"ours-{tag}-compile"], "first call s", rows[f"ours-{tag}-compile-first-call-s"],
+        "rel err vs eager", rows[f"ours-{tag}-compile-rel-err-vs-eager"])
     t0 = time.perf_counter()
     n = quant.quantize_transformer(tr, "fp8")
     torch.cuda.synchronize()
@@ -54,7 +57,37 @@ def variants(tr, ctx, dev, rows: dict, tag: str) -> None:
     rows[f"ours-{tag}-fp8-rel-err-vs-bf16"] = ((out.float() - ref).norm() / ref.norm()).item()
     log(tag, "fp8+compile", n, "linears", rows[f"ours-{tag}-fp8-compile"], "rel err",
         rows[f"ours-{tag}-fp8-rel-err-vs-bf16"], "first call s", rows[f"ours-{tag}-fp8-compile-first-call-s"])
+    gs = GraphedStack()
+    gfn = ours_fn(tr, ctx, kw, gs)
+    t0 = time.perf_counter()
+    gout = gfn().float()
+    torch.cuda.synchronize()
+    rows[f"ours-{tag}-graph-capture-s"] = time.perf_counter() - t0
+    rows[f"ours-{tag}-fp8-compile-graphs"] = time_ms(gfn)
+    rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"] = ((gout - out.float()).norm() / out.float().norm()).item()
+    log(tag, "fp8+compile+graphs", rows[f"ours-{tag}-fp8-compile-graphs"], "vs non-graph rel err",
+        rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"])
+    kw2 = pass_inputs(dev, 2048, 2048)
+    g2 = ours_fn(tr, ctx, kw2, gs)
+    g2()
+    rows[f"ours-{tag}-fp8-compile-graphs-2048"] = time_ms(g2, warm=1, rep=3)
+    log(tag, "fp8+compile+graphs 2048", rows[f"ours-{tag}-fp8-compile-graphs-2048"])
     rows[f"peak_gib-{tag}"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def fp8_linear_check(dev) -> dict:
+    """The real scaled_mm path against its emulation and bf16, one FLUX.2-sized linear."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6144, 18432, bias=False, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(4608, 6144, device=dev, dtype=torch.bfloat16)
+    ref = (x.double() @ lin.weight.double().t())
+    real = quant.QuantLinear(lin, "fp8")(x).double()
+    emu = quant.QuantLinear(lin, "fp8-emulate")(x).double()
+    r = {"fp8-real-vs-fp64": ((real - ref).norm() / ref.norm()).item(),
+         "fp8-emulate-vs-fp64": ((emu - ref).norm() / ref.norm()).item(),
+         "bf16-vs-fp64": ((lin(x).double() - ref).norm() / ref.norm()).item()}
+    log("fp8 linear check", r)
+    return r
 
 
 @torch.inference_mode()
@@ -62,6 +95,7 @@ def single(out: str) -> None:
     dev = torch.device("cuda", 0)
     tr = build_preset("flux2-dev", dtype=torch.bfloat16, device=dev, seed=0).transformer.eval()
     rows = {"diffusers-eager-1gpu": time_ms(lambda: tr(**pass_inputs(dev, H, W), return_dict=False))}
+    rows["fp8-linear-check"] = fp8_linear_check(dev)
     log("diffusers eager 1 GPU", rows["diffusers-eager-1gpu"])
     ctx = AttnContext(Mesh(ParallelDims(), 0, 1))
     flux2.parallelize(tr, ctx)

@@ -24,7 +24,7 @@ from flux_dist.parallel.sharding import ShardPlan
 RES = [(1024, 1024), (2048, 2048)]
 
 
-def ours_fn(tr, ctx: AttnContext, kw: dict):
+def ours_fn(tr, ctx: AttnContext, kw: dict, stack=flux2.image_stack):
     """A closure running our forward on this rank's shards."""
     mesh = ctx.mesh
     plan = ShardPlan(kw["txt_ids"].shape[1], kw["img_ids"].shape[1], mesh.dims.sp, mesh.dims.ulysses)
@@ -34,7 +34,7 @@ def ours_fn(tr, ctx: AttnContext, kw: dict):
     inp = flux2.prepare(tr, plan.shard(kw["encoder_hidden_states"], "txt", s),
                         plan.shard(kw["txt_ids"][0], "txt", s, dim=0), plan.shard(kw["img_ids"][0], "img", s, dim=0),
                         kw["guidance"])
-    return lambda: flux2.forward(tr, x, kw["timestep"], inp)
+    return lambda: flux2.forward(tr, x, kw["timestep"], inp, stack)
 
 
 @torch.inference_mode()

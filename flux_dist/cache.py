@@ -97,8 +97,10 @@ class StepCache:
     """Per-request cache state; ``stack(branch)`` replaces the transformer's block stack for one branch."""
 
     def __init__(self, cfg: CacheConfig, mesh: Mesh, plan: ShardPlan, steps: int,
-                 coefficients: list[float] | None, shared: SharedDecision | None = None) -> None:
+                 coefficients: list[float] | None, shared: SharedDecision | None = None,
+                 stack_fn: Callable = flux2.image_stack) -> None:
         self.cfg, self.plan, self.steps = cfg, plan, steps
+        self.stack_fn = stack_fn  # the full block stack: eager, compiled, or a CUDA graph replay
         self.poly = np.poly1d(coefficients) if coefficients else None
         self.shared = shared or SharedDecision(mesh)
         self.valid = plan.valid(mesh.sp_rank)[plan.txt_loc:]  # real image tokens of this shard
@@ -153,7 +155,7 @@ class StepCache:
             self.prev, self.skip = sig, False
             self.log.append({"step": self.step, "rel": self.x if self.x is not None else float("nan"),
                              "acc": 0.0, "skip": False})
-        out = flux2.image_stack(tr, img, txt, mods, rope)
+        out = self.stack_fn(tr, img, txt, mods, rope)
         if first:
             prev_out = self.residual.get(-1)
             if prev_out is not None and self.x is not None:
@@ -169,7 +171,7 @@ class StepCache:
             self.prev = sig
         if self.skip:
             return img + self.residual[branch]
-        out = flux2.run_blocks(tr, img, txt, mods, rope)[:, txt.shape[1]:]
+        out = self.stack_fn(tr, img, txt, mods, rope)
         self.residual[branch] = out - img
         return out
 
@@ -192,10 +194,11 @@ class StepCache:
                 "decisions": self.log}
 
 
-def make_cache(cfg: CacheConfig, mesh: Mesh, plan: ShardPlan, steps: int, family: str) -> StepCache | None:
+def make_cache(cfg: CacheConfig, mesh: Mesh, plan: ShardPlan, steps: int, family: str,
+               stack_fn: Callable = flux2.image_stack) -> StepCache | None:
     if cfg.mode == "none":
         return None
-    return StepCache(cfg, mesh, plan, steps, resolve_coefficients(cfg, family))
+    return StepCache(cfg, mesh, plan, steps, resolve_coefficients(cfg, family), stack_fn=stack_fn)
 
 
 def write_calibration(path: str, coefficients: list[float], pairs: list[tuple[float, float]], model: str) -> None:

@@ -23,6 +23,7 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--quant": ("model.quant", str),
     "--compile": ("model.compile", bool),
     "--compile-cache-dir": ("model.compile_cache_dir", str),
+    "--cuda-graphs": ("model.cuda_graphs", bool),
     "--prompt": ("request.prompt", str),
     "--negative-prompt": ("request.negative_prompt", str),
     "--height": ("request.height", int),

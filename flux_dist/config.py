@@ -24,6 +24,7 @@ class ModelConfig:
     compile: bool = False  # regional torch.compile of the blocks
     compile_backend: str = "inductor"
     compile_cache_dir: str | None = None  # persistent inductor cache (warm starts)
+    cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
 
 
 @dataclass

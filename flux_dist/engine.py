@@ -24,7 +24,8 @@ from . import cache as step_cache
 from . import compile as compile_mod
 from . import distributed, quant, sampling
 from .config import LimitsConfig, RequestConfig, RunConfig
-from .errors import FluxDistError
+from .errors import FluxDistError, NotSupportedError
+from .graphs import GraphedStack
 from .models import flux2
 from .models.source import load_model
 from .parallel import kernels
@@ -78,6 +79,14 @@ class Engine:
             compile_mod.enable_cache(cfg.model.compile_cache_dir)
             kernels.warmup(self.dist.device, self.dtype)  # probes run eagerly, never inside a traced graph
             compile_mod.compile_blocks(self.tr, cfg.model.compile_backend)
+        self.stack = flux2.image_stack
+        if cfg.model.cuda_graphs:
+            if self.dist.device.type != "cuda":
+                raise NotSupportedError("--cuda-graphs needs a CUDA device")
+            if cfg.cache.mode == "fbcache":
+                raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
+            kernels.warmup(self.dist.device, self.dtype)
+            self.stack = GraphedStack()
         self._plans: dict[tuple[int, int], ShardPlan] = {}
         log.info("model %s: quant=%s (%d linears), compile=%s, layout %s", self.c.name, self.quant, n_quant,
                  cfg.model.compile, self.mesh.describe())
@@ -164,8 +173,8 @@ class Engine:
                     for e, i in enc]
 
         # 3. denoise.
-        cache = step_cache.make_cache(self.cfg.cache, mesh, plan, req.steps, self.c.family)
-        stacks = [cache.stack(b) if cache else flux2.image_stack for b in range(len(branches))]
+        cache = step_cache.make_cache(self.cfg.cache, mesh, plan, req.steps, self.c.family, self.stack)
+        stacks = [cache.stack(b) if cache else self.stack for b in range(len(branches))]
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
         for i, t in enumerate(timesteps):
@@ -199,6 +208,7 @@ class Engine:
             "dtype": self.cfg.model.dtype,
             "quant": self.quant,
             "compile": self.cfg.model.compile,
+            "cuda_graphs": self.cfg.model.cuda_graphs,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
                         "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg},
             "tokens": {"text": plan.txt_len, "image": plan.img_len, "per_rank": plan.local_len,
