@@ -152,6 +152,45 @@ class QuantLinear(nn.Module):
         return (y if self.bias is None else y + self.bias).to(self.out_dtype)
 
 
+def slice_linear(lin: nn.Module, rows: slice | None = None, cols: slice | None = None) -> nn.Module:
+    """A new linear holding a block of ``lin``'s weight: output rows and/or input columns (same format).
+
+    Used to split a fused projection so its halves can run at different times (overlap with
+    communication). Row slices keep per-row scales; column slices keep them too (the scales are per
+    output channel), and NVFP4 column slices must fall on 16-element blocks.
+    """
+    rows = rows or slice(None)
+    cols = cols or slice(None)
+    if isinstance(lin, nn.Linear):
+        w = lin.weight.detach()[rows, cols].contiguous()
+        out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None and cols == slice(None),
+                        device=w.device, dtype=w.dtype)
+        out.weight.data.copy_(w)
+        if out.bias is not None:
+            out.bias.data.copy_(lin.bias.detach()[rows])
+        return out.requires_grad_(False)
+    if not isinstance(lin, QuantLinear):
+        raise TypeError(f"cannot slice {type(lin).__name__}")
+    new = QuantLinear.__new__(QuantLinear)
+    nn.Module.__init__(new)
+    new.mode, new.out_dtype = lin.mode, lin.out_dtype
+    keep_bias = lin.bias is not None and cols == slice(None)
+    new.bias = nn.Parameter(lin.bias.detach()[rows], requires_grad=False) if keep_bias else None
+    if lin.mode.startswith("fp8"):
+        new.register_buffer("weight_q", lin.weight_q[rows, cols].contiguous())
+        new.register_buffer("weight_scale", lin.weight_scale[:, rows].contiguous())
+    else:
+        c0, c1 = cols.start or 0, lin.in_features if cols.stop is None else cols.stop
+        if c0 % BLOCK or c1 % BLOCK:
+            raise FluxDistError(f"NVFP4 column slices must fall on {BLOCK}-element blocks, got {c0}:{c1}")
+        new.register_buffer("weight_q", lin.weight_q[rows, c0 // 2:c1 // 2].contiguous())
+        new.register_buffer("weight_block_scale", lin.weight_block_scale[rows, c0 // BLOCK:c1 // BLOCK].contiguous())
+        new.register_buffer("weight_global", lin.weight_global)
+    new.out_features = new.weight_q.shape[0]
+    new.in_features = new.weight_q.shape[1] * (2 if lin.mode.startswith("nvfp4") else 1)
+    return new
+
+
 def resolve_mode(mode: str, device: torch.device) -> str:
     """``auto``: NVFP4 on sm_100+, FP8 on sm_89 / sm_90, none elsewhere (never an emulation)."""
     if mode not in MODES:

@@ -21,7 +21,8 @@ from diffusers.models.transformers.transformer_flux2 import (
     _get_qkv_projections,
 )
 
-from ..parallel.attention import AttnContext, check_heads, sp_attention
+from ..parallel.attention import AttnContext, check_heads, sp_attention, sp_finish, sp_send
+from ..quant import slice_linear
 
 
 class DoubleStreamAttnProcessor:
@@ -53,7 +54,12 @@ class DoubleStreamAttnProcessor:
 
 
 class SingleStreamAttnProcessor:
-    """Fused attention + MLP of a single-stream block, sharded over the sequence."""
+    """Fused attention + MLP of a single-stream block, sharded over the sequence.
+
+    Under Ulysses the fused input projection is split by output rows (``split_for_overlap``) so the
+    MLP half's GEMM runs while q/k/v are in the all-to-all instead of the GPU waiting for it. A row
+    split computes exactly the same numbers (also quantized: scales are per output row and per token).
+    """
 
     def __init__(self, ctx: AttnContext) -> None:
         self.ctx = ctx
@@ -65,6 +71,17 @@ class SingleStreamAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        split = getattr(attn, "fd_split", None)
+        if split is not None:
+            qkv = split["qkv"](hidden_states)
+            q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            pending = sp_send(q, k, v, self.ctx)
+            mlp = attn.mlp_act_fn(split["mlp"](hidden_states))  # the larger GEMM, while q/k/v travel
+            out = sp_finish(pending, self.ctx).flatten(2, 3).to(q.dtype)
+            return attn.to_out(torch.cat([out, mlp], dim=-1))
         h = attn.to_qkv_mlp_proj(hidden_states)
         qkv, mlp = torch.split(h, [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
@@ -82,6 +99,19 @@ def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
         block.attn.set_processor(DoubleStreamAttnProcessor(ctx))
     for block in transformer.single_transformer_blocks:
         block.attn.set_processor(SingleStreamAttnProcessor(ctx))
+        if ctx.mesh.dims.ulysses > 1:
+            split_for_overlap(block.attn)
+
+
+def split_for_overlap(attn: Flux2ParallelSelfAttention) -> None:
+    """Split the fused QKV + MLP-in projection into its two row blocks (the fused one is dropped)."""
+    if getattr(attn, "fd_split", None) is not None:
+        return
+    qkv, fused = 3 * attn.inner_dim, attn.to_qkv_mlp_proj
+    attn.fd_split = torch.nn.ModuleDict({"qkv": slice_linear(fused, rows=slice(0, qkv)),
+                                         "mlp": slice_linear(fused, rows=slice(qkv, None))})
+    del attn.to_qkv_mlp_proj
+    attn.to_qkv_mlp_proj = None
 
 
 @dataclass

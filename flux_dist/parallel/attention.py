@@ -57,20 +57,30 @@ def _a2a(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return wait(all_to_all(x, group))
 
 
-def ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
-                          group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, S, H, D]`` sequence shards -> ``[B, H/u, u*S, D]`` head shards, ready for the kernel.
+def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
+                 group: dist.ProcessGroup) -> torch.Tensor:
+    """Start the q/k/v all-to-all (one collective); the result stays async until ``ulysses_recv``.
 
-    q, k and v travel in one all-to-all; each tensor is copied once into the send buffer and once
-    out of the receive buffer, straight into the kernel's layout.
+    Each tensor is copied once into the send buffer; compute issued before ``ulysses_recv`` overlaps it.
     """
     b, s, h, d = q.shape
     buf = q.new_empty(u, 3, b, s, h // u, d)
     for i, t in enumerate((q, k, v)):
         buf[:, i].copy_(t.view(b, s, u, h // u, d).permute(2, 0, 1, 3, 4))
-    y = _a2a(buf, group)  # [u(src), 3, B, S, H/u, D]
-    y = y.permute(1, 2, 4, 0, 3, 5).reshape(3, b, h // u, u * s, d)
+    return all_to_all(buf, group)  # [u(src), 3, B, S, H/u, D]
+
+
+def ulysses_recv(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wait for the all-to-all; one copy straight into the kernel's ``[B, H/u, u*S, D]`` layout."""
+    u, _, b, s, hu, d = y.shape
+    y = wait(y).permute(1, 2, 4, 0, 3, 5).reshape(3, b, hu, u * s, d)
     return y[0], y[1], y[2]
+
+
+def ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
+                          group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, S, H, D]`` sequence shards -> ``[B, H/u, u*S, D]`` head shards, ready for the kernel."""
+    return ulysses_recv(ulysses_send(q, k, v, u, group))
 
 
 def ulysses_gather_heads(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -125,17 +135,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnC
     return acc.to(q.dtype)
 
 
-def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    """Attention of this rank's query shard against every real key of the sequence.
+def sp_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext):
+    """First half of ``sp_attention``: start moving q/k/v; the caller may compute before ``sp_finish``."""
+    u = ctx.mesh.dims.ulysses
+    if u > 1:
+        return ulysses_send(q, k, v, u, ctx.mesh.groups["ulysses"])
+    return tuple(t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
 
-    ``q, k, v``: ``[B, S_loc, H, D]`` (RoPE already applied). Returns ``[B, S_loc, H, D]``.
-    """
+
+def sp_finish(pending, ctx: AttnContext) -> torch.Tensor:
+    """Second half: attention over every real key, back to this rank's ``[B, S_loc, H, D]``."""
     dims = ctx.mesh.dims
     u = dims.ulysses
-    if u > 1:
-        q, k, v = ulysses_scatter_heads(q, k, v, u, ctx.mesh.groups["ulysses"])
-    else:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
+    q, k, v = ulysses_recv(pending) if u > 1 else pending
     if dims.ring > 1:
         out = ring_attention(q, k, v, ctx)
     else:
@@ -144,3 +156,11 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnCon
     if u > 1:
         return ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
     return out.transpose(1, 2)
+
+
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """Attention of this rank's query shard against every real key of the sequence.
+
+    ``q, k, v``: ``[B, S_loc, H, D]`` (RoPE already applied). Returns ``[B, S_loc, H, D]``.
+    """
+    return sp_finish(sp_send(q, k, v, ctx), ctx)
