@@ -31,7 +31,8 @@ MODES = ("none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "auto")
 # Block-level linears quantized in FLUX.2 (everything else stays high precision: embedders,
 # time/guidance embedding, modulation, norm_out, proj_out, the text stream's attention projections).
 QUANTIZED = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.linear_in", "ff.linear_out",
-             "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out")
+             "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out",
+             "attn.fd_split.qkv", "attn.fd_split.mlp")  # the last two: the Ulysses split of to_qkv_mlp_proj
 
 
 # -- FP8 -----------------------------------------------------------------------------------------

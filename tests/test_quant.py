@@ -111,6 +111,16 @@ def test_quantize_transformer_keeps_nvidia_high_precision_layers():
         assert type(keep) is torch.nn.Linear
 
 
+def test_quantize_after_the_ulysses_split_counts_the_same():
+    from flux_dist.models.flux2 import split_for_overlap
+
+    c = build_preset("flux2-tiny")
+    for b in c.transformer.single_transformer_blocks:
+        split_for_overlap(b.attn)
+    n = quantize_transformer(c.transformer, "fp8-emulate")
+    assert n == 8 * len(c.transformer.transformer_blocks) + 3 * len(c.transformer.single_transformer_blocks)
+
+
 def test_modes_resolve_per_device():
     cpu = torch.device("cpu")
     assert resolve_mode("auto", cpu) == "none"
