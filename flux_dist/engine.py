@@ -20,7 +20,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
-from . import distributed, sampling
+from . import distributed, faults, sampling
 from .config import LimitsConfig, RequestConfig, RunConfig
 from .errors import FluxDistError
 from .models import flux2
@@ -153,6 +153,7 @@ class Engine:
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
         for i, t in enumerate(timesteps):
+            faults.maybe_inject(self.dist.rank, i)  # testing hook: no-op unless FLUX_DIST_FAULT is set
             t0 = time.perf_counter()
             ts = t.expand(1).to(x.dtype) / 1000
             xin = x.to(self.tr.dtype)
