@@ -200,3 +200,30 @@ def test_ray_script_bad_request_fails_before_ray_starts():
                        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "[rank0] flux-dist: error: height must be a positive multiple of 16" in r.stderr, r.stderr[-3000:]
+
+
+# -- process-group timeout after start-up -------------------------------------------------------
+
+def _stuck_peer(rank: int, world: int) -> float | None:
+    import torch.distributed as dist
+
+    from flux_dist import distributed
+
+    distributed.set_timeout(3.0)
+    if rank == 1:
+        time.sleep(8)  # alive but silent: no launcher notices, only the timeout does
+        return None
+    t = time.monotonic()
+    try:
+        dist.barrier()
+    except RuntimeError:
+        return time.monotonic() - t
+    return float("inf")
+
+
+def test_set_timeout_fails_a_collective_with_a_silent_peer():
+    """After start-up the short timeout applies: a collective with a stuck peer fails, it does not wait."""
+    from dist_utils import run_distributed
+
+    waited, _ = run_distributed(_stuck_peer, 2, timeout=120)
+    assert 2.5 < waited < 10, waited
