@@ -227,3 +227,48 @@ def test_set_timeout_fails_a_collective_with_a_silent_peer():
 
     waited, _ = run_distributed(_stuck_peer, 2, timeout=120)
     assert 2.5 < waited < 10, waited
+
+
+# -- the environment contract (in process, fast) ------------------------------------------------
+
+def test_slurm_task_variables_give_the_layout(monkeypatch):
+    from flux_dist import distributed
+    from flux_dist.errors import FluxDistError
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    assert distributed.env_layout() == (0, 1, 0)  # the batch script itself: not a rank of the job
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert distributed.env_layout() == (5, 4, 1)  # srun step: its own task count wins
+    with pytest.raises(FluxDistError, match="MASTER_ADDR is not set"):
+        distributed._export_layout(5, 4, 1)
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    distributed._export_layout(5, 4, 1)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "4", "1")
+    assert os.environ["MASTER_PORT"] == "21234"
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert distributed.env_layout()[:2] == (2, 3)  # torchrun's variables win over Slurm's
+
+
+def test_fault_spec_is_parsed_strictly(monkeypatch):
+    from flux_dist import faults
+    from flux_dist.errors import FluxDistError
+
+    assert faults.parse("rank=1,step=2,kind=exit") == faults.Fault(1, 2, "exit")
+    for bad in ("rank=1", "rank=1,step=2,kind=boom", "rank=x,step=2,kind=raise", "garbage"):
+        with pytest.raises(FluxDistError, match="FLUX_DIST_FAULT"):
+            faults.parse(bad)
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.maybe_inject(1, 2)  # unset: nothing happens
+    monkeypatch.setenv(faults.ENV, "rank=1,step=2,kind=raise")
+    faults.maybe_inject(0, 2)
+    faults.maybe_inject(1, 1)
+    with pytest.raises(faults.InjectedFault):
+        faults.maybe_inject(1, 2)
