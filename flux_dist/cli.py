@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("ray-generate", help="generate one image on a Ray cluster (one actor per rank)")
     _add_run_flags(r)
     r.add_argument("--address", default=None,
-                   help="Ray cluster address (HOST:PORT, ray://..., auto); default RAY_ADDRESS, else a local cluster")
+                   help="Ray cluster (HOST:PORT, ray://..., or auto: the one `ray start` began on this machine); "
+                   "default RAY_ADDRESS, else a new local cluster")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole request, loading included")
     r.set_defaults(func=cmd_ray_generate)

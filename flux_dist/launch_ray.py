@@ -96,7 +96,8 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     if address and address != "local":
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a new cluster even if `ray start` ran on this machine (reach that one with --address auto).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

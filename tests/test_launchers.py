@@ -115,7 +115,7 @@ def ray_cluster():
             pytest.fail("CI must run the Ray tests: ray is not installed (launch/env.sh installs .[test,ray])")
         pytest.skip("ray is not installed (pip install -e '.[ray]')")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
 
