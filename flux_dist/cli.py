@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import RunConfig, load_config, to_dict
@@ -64,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(cfg: RunConfig, save_image, metrics: dict) -> None:
+def _write_outputs(cfg: RunConfig, save_image: Callable[[Path], object], metrics: dict) -> None:
+    """Rank 0 (or the Ray driver) writes the image and the metrics JSON."""
     out = Path(cfg.output.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(out)
