@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import RunConfig, load_config, to_dict
@@ -75,17 +76,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return code
     check_request(cfg.request, cfg.limits)  # before the (slow) model load
     engine = Engine(cfg, info)
+    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     result = engine.generate(cfg.request)
     if engine.dist.is_main:
-        out = Path(cfg.output.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.image.save(out)
-        log.info("wrote %s", out)
-        if cfg.output.metrics:
-            m = Path(cfg.output.metrics)
-            m.parent.mkdir(parents=True, exist_ok=True)
-            m.write_text(json.dumps({**result.metrics, "config": to_dict(cfg)}, indent=2))
-            log.info("wrote %s (denoise %.2f s, %s)", m, result.metrics["denoise_s"], result.metrics["layout"])
+        _write_outputs(cfg, result.image.save, result.metrics)
     engine.close()
     return 0
 
@@ -105,6 +99,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     engine.close()
+    return 0
+
+
+def _write_outputs(cfg: RunConfig, save_image: Callable[[Path], object], metrics: dict) -> None:
+    """Rank 0 (or the Ray driver) writes the image and the metrics JSON."""
+    out = Path(cfg.output.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(out)
+    log.info("wrote %s", out)
+    if cfg.output.metrics:
+        m = Path(cfg.output.metrics)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.write_text(json.dumps({**metrics, "config": to_dict(cfg)}, indent=2))
+        log.info("wrote %s (denoise %.2f s, %s)", m, metrics["denoise_s"], metrics["layout"])
+
+
+def cmd_ray_generate(args: argparse.Namespace) -> int:
+    """The same request on a Ray cluster; this process is the driver and writes the outputs."""
+    from .distributed import setup_logging
+    from .engine import check_request
+    from .launch_ray import ray_generate
+
+    cfg = config_from_args(args)
+    setup_logging(0)
+    check_request(cfg.request, cfg.limits)  # before reserving any actor
+    res = ray_generate(cfg, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
+    _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
     return 0
 
 
@@ -188,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
     v.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits before 504")
     v.set_defaults(func=cmd_serve)
+    r = sub.add_parser("ray-generate", help="generate one image on a Ray cluster (one actor per rank)")
+    _add_run_flags(r)
+    r.add_argument("--address", default=None,
+                   help="Ray cluster (HOST:PORT, ray://..., or auto: the one `ray start` began on this machine); "
+                   "default RAY_ADDRESS, else a new local cluster")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
+    r.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole request, loading included")
+    r.set_defaults(func=cmd_ray_generate)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")
     s.add_argument("path")
@@ -198,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank() -> str:
-    return os.environ.get("RANK", "0")
+    if "RANK" in os.environ:
+        return os.environ["RANK"]
+    from .distributed import env_layout  # also knows Slurm's per-task variables
+
+    return str(env_layout()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

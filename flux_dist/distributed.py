@@ -52,11 +52,44 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def env_layout() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment.
+
+    torchrun and the Ray launcher set RANK / WORLD_SIZE / LOCAL_RANK. Under ``srun`` with one task
+    per GPU nothing sets them, so Slurm's own per-task variables stand in; they are read only inside
+    a job step (SLURM_STEP_ID set), so a plain command in a batch script stays one process.
+    """
+    if os.environ.get("RANK") is None and os.environ.get("WORLD_SIZE") is None and _in_slurm_step():
+        return (_env_int("SLURM_PROCID", default=0), _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1),
+                _env_int("SLURM_LOCALID", default=0))
+    return _env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1), _env_int("LOCAL_RANK", default=0)
+
+
+def _in_slurm_step() -> bool:
+    return bool(os.environ.get("SLURM_STEP_ID")) and bool(os.environ.get("SLURM_PROCID"))
+
+
+def _export_layout(rank: int, world: int, local_rank: int) -> None:
+    """Make a Slurm-derived layout look like torchrun's, for ``env://`` and for error messages."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if world > 1 and not os.environ.get("MASTER_ADDR"):
+        from .errors import FluxDistError
+
+        raise FluxDistError(
+            "MASTER_ADDR is not set: under srun with one task per GPU the sbatch script exports the first "
+            "host of the job (scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1); see slurm/")
+    if world > 1 and not os.environ.get("MASTER_PORT"):
+        # The same port on every task of the job, derived from the job id when the script sets none.
+        os.environ["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
+
+
 def init(device: str = "auto", startup_timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group the environment describes (or none, for one process)."""
-    rank = _env_int("RANK", default=0)
-    world = _env_int("WORLD_SIZE", default=1)
-    local_rank = _env_int("LOCAL_RANK", default=0)
+    rank, world, local_rank = env_layout()
+    if world > 1:
+        _export_layout(rank, world, local_rank)
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -69,15 +102,21 @@ def init(device: str = "auto", startup_timeout_s: float = 1800.0) -> DistInfo:
 
 
 def set_timeout(timeout_s: float) -> None:
-    """Shorten the collective timeout once start-up is over (best effort: a private torch API)."""
+    """Shorten the collective timeout once start-up (loading, compiling) is over.
+
+    A peer that stops answering then fails this rank's next collective after ``timeout_s`` instead
+    of the long start-up timeout; launchers still stop the job sooner when a rank exits.
+    """
     if not dist.is_initialized():
         return
-    fn = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if fn is not None:
-        try:
-            fn(datetime.timedelta(seconds=timeout_s), None)
-        except Exception as e:  # pragma: no cover - depends on the backend build
-            log.debug("could not shorten the process-group timeout: %s", e)
+    fn = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if fn is None:  # pragma: no cover - older torch
+        log.warning("this torch cannot change the process-group timeout; keeping the start-up timeout")
+        return
+    try:
+        fn(datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - depends on the backend build
+        log.warning("could not shorten the process-group timeout: %s", e)
 
 
 def fail_together(timeout_s: float = 10.0) -> None:
@@ -87,7 +126,7 @@ def fail_together(timeout_s: float = 10.0) -> None:
     Bad input fails identically on every rank; without this the first rank out gets its peers killed
     before they say why. A rank failing alone only waits the timeout.
     """
-    world = _env_int("WORLD_SIZE", default=1)
+    world = env_layout()[1]
     if world <= 1:
         return
     if not dist.is_initialized():
@@ -104,6 +143,7 @@ def fail_together(timeout_s: float = 10.0) -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process group (at the end of a run, so NCCL does not warn or leak)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

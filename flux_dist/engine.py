@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import cache as step_cache
 from . import compile as compile_mod
-from . import distributed, quant, sampling
+from . import distributed, faults, quant, sampling
 from .config import LimitsConfig, RequestConfig, RunConfig
 from .errors import FluxDistError, NotSupportedError
 from .graphs import GraphedStack
@@ -178,6 +178,7 @@ class Engine:
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
         for i, t in enumerate(timesteps):
+            faults.maybe_inject(self.dist.rank, i)  # testing hook: no-op unless FLUX_DIST_FAULT is set
             t0 = time.perf_counter()
             ts = t.expand(1).to(x.dtype) / 1000
             xin = x.to(self.tr.dtype)

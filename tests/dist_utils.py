@@ -1,15 +1,22 @@
-"""Run a function on N real processes joined by a gloo process group (spawned, like torchrun)."""
+"""Run a function on N real processes joined by a gloo process group (spawned, like torchrun), and the
+CLI in subprocesses."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.multiprocessing as mp
+from PIL import Image
 
 
 def free_port() -> int:
@@ -59,3 +66,36 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300.0
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+# -- the CLI in subprocesses (torchrun, one process, the launch scripts) ---------------------------
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--height", "64", "--width", "64", "--steps", "2", "--max-sequence-length", "16"]
+TINY = ["--config", "configs/tiny.yaml", *SMALL]  # Ulysses 2: the layout every launcher test runs
+
+
+def cli_env(**extra: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            "PYTHON": sys.executable, **extra}
+
+
+def torchrun(n: int, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(free_port()), "-m", "flux_dist", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def single(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flux_dist", *args], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def png(p: Path | bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(p) if isinstance(p, bytes) else p), dtype=np.int16)
+
+
+def fault_time(text: str) -> float:
+    """When FLUX_DIST_FAULT fired (the hook prints ``t=<unix time>``)."""
+    m = re.search(r"FLUX_DIST_FAULT: injecting .* t=([0-9.]+)", text)
+    assert m, f"no injected fault in the output:\n{text[-3000:]}"
+    return float(m.group(1))

@@ -3,52 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from dist_utils import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--height", "64", "--width", "64", "--steps", "2", "--max-sequence-length", "16"]
+from dist_utils import SMALL, TINY, png, single, torchrun
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-           str(free_port()), "-m", "flux_dist", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def single(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flux_dist", *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _png(p: Path) -> np.ndarray:
-    return np.asarray(Image.open(p), dtype=np.int16)
-
-
-def test_torchrun_two_ranks_matches_one_process(tmp_path):
-    two = torchrun(2, "generate", "--config", "configs/tiny.yaml", *SMALL, "--output", str(tmp_path / "u2.png"),
-                   "--metrics", str(tmp_path / "u2.json"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = single("generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
-                 "--output", str(tmp_path / "one.png"), "--metrics", str(tmp_path / "one.json"))
+def test_torchrun_two_ranks_matches_one_process(tmp_path, torchrun_ref):
+    one = single("generate", *TINY, "--ulysses", "1", "--output", str(tmp_path / "one.png"),
+                 "--metrics", str(tmp_path / "one.json"))
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = _png(tmp_path / "u2.png"), _png(tmp_path / "one.png")
+    a, b = png(torchrun_ref), png(tmp_path / "one.png")
     assert a.shape == (64, 64, 3)
     assert np.abs(a - b).max() <= 1
-    m = json.loads((tmp_path / "u2.json").read_text())
+    m = json.loads(torchrun_ref.with_suffix(".json").read_text())
     assert m["layout"] == {"world_size": 2, "cfg": 1, "ring": 1, "ulysses": 2}
     assert len(m["step_ms"]) == 2 and m["denoise_s"] > 0 and m["peak_memory_gib"] > 0
     for k in ("text_encode_s", "decode_s", "tokens"):
@@ -83,7 +53,7 @@ def test_model_path_loads_local_directory(tmp_path):
     b = single("generate", "--model", "flux2-klein-tiny", "--prompt", "a cat", *SMALL,
                "--output", str(tmp_path / "b.png"))
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
-    assert np.array_equal(_png(tmp_path / "a.png"), _png(tmp_path / "b.png"))
+    assert np.array_equal(png(tmp_path / "a.png"), png(tmp_path / "b.png"))
     bad = tmp_path / "empty"
     bad.mkdir()
     r = single("generate", "--model", str(bad), "--prompt", "a cat", *SMALL)

@@ -1,0 +1,69 @@
+"""Fault injection, a TESTING HOOK: make one rank fail mid-denoise to prove no launcher hangs.
+
+Off unless the environment variable ``FLUX_DIST_FAULT`` is set, e.g.::
+
+    FLUX_DIST_FAULT="rank=1,step=2,kind=raise"   # rank 1 raises before denoise step 2
+    FLUX_DIST_FAULT="rank=1,step=0,kind=exit"    # rank 1's process dies (os._exit) before step 0
+
+``kind=raise`` raises ``InjectedFault`` (the rank's error path runs, as for a real bug);
+``kind=exit`` ends the process at once with exit code 43 and no clean-up, as a crash or an OOM kill
+would. Never set it in production; a malformed value is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .errors import FluxDistError
+
+ENV = "FLUX_DIST_FAULT"
+EXIT_CODE = 43
+KINDS = ("raise", "exit")
+
+
+class InjectedFault(RuntimeError):
+    """The failure FLUX_DIST_FAULT asked for (a test hook, never a real error)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    rank: int
+    step: int
+    kind: str
+
+
+def parse(spec: str) -> Fault:
+    """``"rank=R,step=S,kind=raise|exit"`` -> Fault; anything else is a clear error."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise FluxDistError(f"{ENV}={spec!r}: expected rank=R,step=S,kind=raise|exit")
+        fields[key.strip()] = value.strip()
+    if set(fields) != {"rank", "step", "kind"}:
+        raise FluxDistError(f"{ENV}={spec!r}: expected exactly the keys rank, step, kind")
+    if fields["kind"] not in KINDS:
+        raise FluxDistError(f"{ENV}={spec!r}: kind must be one of {', '.join(KINDS)}")
+    try:
+        return Fault(int(fields["rank"]), int(fields["step"]), fields["kind"])
+    except ValueError as e:
+        raise FluxDistError(f"{ENV}={spec!r}: rank and step must be integers") from e
+
+
+def maybe_inject(rank: int, step: int) -> None:
+    """Called by the engine before each denoise step; does nothing unless FLUX_DIST_FAULT is set."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    f = parse(spec)
+    if f.rank != rank or f.step != step:
+        return
+    # The time lets tests measure how long the job takes to end after the fault.
+    print(f"[rank{rank}] {ENV}: injecting kind={f.kind} at step {step} t={time.time():.3f}",
+          file=sys.stderr, flush=True)
+    if f.kind == "exit":
+        os._exit(EXIT_CODE)
+    raise InjectedFault(f"injected fault on rank {rank} at denoise step {step} ({ENV})")

@@ -1,0 +1,228 @@
+"""Run one request on a Ray cluster: one actor per rank, the same ``Engine`` as under torchrun.
+
+The driver reserves one bundle per rank in a placement group (STRICT_PACK when one node can hold
+them all, PACK across nodes otherwise), starts one actor per bundle, picks the rendezvous address
+and a free port on rank 0's node, and hands every actor the variables torchrun would set (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Each actor then builds the process group itself
+(NCCL on GPUs, gloo on CPU). The driver watches the ranks' long-running calls with ``ray.wait``:
+the first rank that raises or dies gets every actor killed and an error naming that rank, so a
+survivor never sits in a collective until the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .config import RunConfig
+from .errors import FluxDistError
+
+log = logging.getLogger("flux_dist")
+
+# Driver variables the ranks need too (offline mode, the test fault hook, a site's NCCL / gloo
+# interface choices); anything else comes from the cluster's own environment.
+FORWARD_PREFIXES = ("FLUX_DIST_", "NCCL_", "GLOO_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+
+
+@dataclass
+class RayResult:
+    png: bytes  # the image, PNG-encoded by rank 0
+    metrics: dict  # rank 0's metrics, plus the Ray placement
+    pids: list[int]  # the actors' process ids (all stopped when this returns)
+
+
+class RankFailedError(FluxDistError):
+    """A rank raised or died; every actor has been stopped."""
+
+    def __init__(self, rank: int, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.pids = pids
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise FluxDistError("the Ray launcher needs Ray: pip install 'flux-dist[ray]'") from e
+    return ray
+
+
+class RankActor:
+    """One rank: sets torchrun's variables, then runs the engine exactly as the CLI does."""
+
+    def where(self) -> tuple[str, str, int]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid()
+
+    def free_port(self) -> int:
+        # Bound and released here on rank 0's node; a tiny race with other programs is accepted.
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def run(self, cfg: RunConfig, env: dict[str, str]) -> dict | None:
+        os.environ.update(env)
+        from . import distributed
+        from .engine import Engine, check_request
+
+        info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+        check_request(cfg.request, cfg.limits)
+        engine = Engine(cfg, info)
+        distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: fail fast from here on
+        res = engine.generate(cfg.request)
+        out = None
+        if info.is_main:
+            buf = io.BytesIO()
+            res.image.save(buf, format="PNG")
+            out = {"png": buf.getvalue(), "metrics": res.metrics}
+        engine.close()
+        return out
+
+
+def connect(address: str | None, num_cpus: int | None) -> bool:
+    """Join a running cluster (``address``, or RAY_ADDRESS) or start a local one; True if started here."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # "local": a new cluster even if `ray start` ran on this machine (reach that one with --address auto).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _plan(ray: Any, world: int, device: str) -> tuple[dict[str, float], str, str]:
+    """(bundle, strategy, rank device): one GPU per rank when the cluster has them, else one CPU."""
+    total = ray.cluster_resources()
+    use_gpu = device == "cuda" or (device == "auto" and total.get("GPU", 0) >= world)
+    kind = "GPU" if use_gpu else "CPU"
+    if total.get(kind, 0) < world:
+        raise FluxDistError(f"the layout needs {world} ranks with one {kind} each, but the Ray cluster has "
+                            f"{total.get(kind, 0):g} {kind}s")
+    per_node = [n["Resources"].get(kind, 0) for n in ray.nodes() if n.get("Alive")]
+    strategy = "STRICT_PACK" if any(v >= world for v in per_node) else "PACK"
+    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    return bundle, strategy, "cuda" if use_gpu else "cpu"
+
+
+def _forward_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+
+
+def _describe(err: BaseException) -> tuple[bool, str]:
+    """(died, text) for a failed rank call: a dead actor, or the rank's own exception and traceback."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True, f"died ({type(err).__name__}: {str(err).strip()[-1500:]})"
+    return False, f"raised:\n{str(err).strip()[-3000:]}"
+
+
+def ray_generate(cfg: RunConfig, *, address: str | None = None, num_cpus: int | None = None,
+                 timeout_s: float = 3600.0, poll_s: float = 1.0, grace_s: float = 3.0,
+                 env: dict[str, str] | None = None, placement_timeout_s: float = 120.0) -> RayResult:
+    """Generate ``cfg.request`` on Ray with the layout ``cfg.parallel`` asks for; see the module doc."""
+    ray = _import_ray()
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    p = cfg.parallel
+    world = p.ulysses * p.ring * p.cfg_parallel
+    started = connect(address, num_cpus)
+    actors: list[Any] = []
+    pids: list[int] = []
+    pg = None
+    try:
+        bundle, strategy, device = _plan(ray, world, cfg.model.device)
+        cfg = replace(cfg, model=replace(cfg.model, device=device))
+        pg = placement_group([dict(bundle)] * world, strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            raise FluxDistError(f"Ray could not place {world} bundles of {bundle} ({strategy}) within "
+                                f"{placement_timeout_s:g} s; cluster resources: {ray.cluster_resources()}")
+        cls = ray.remote(RankActor)
+        for r in range(world):
+            actors.append(cls.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            ).remote())
+        where = ray.get([a.where.remote() for a in actors], timeout=placement_timeout_s)
+        pids = [w[2] for w in where]
+        master_addr, master_port = where[0][1], ray.get(actors[0].free_port.remote(), timeout=60)
+        local: dict[str, int] = defaultdict(int)
+        node_size = {n: sum(w[0] == n for w in where) for n, _, _ in where}
+        refs = {}
+        for r, (a, (node, _, _)) in enumerate(zip(actors, where, strict=True)):
+            rank_env = {**_forward_env(), **(env or {}), "RANK": str(r), "WORLD_SIZE": str(world),
+                        "LOCAL_RANK": str(local[node]), "LOCAL_WORLD_SIZE": str(node_size[node]),
+                        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+            local[node] += 1
+            refs[a.run.remote(cfg, rank_env)] = r
+        log.info("ray: %d ranks (%s, %s bundles %s), rendezvous %s:%d", world, device, strategy, bundle,
+                 master_addr, master_port)
+        out = _watch(ray, refs, pids, timeout_s, poll_s, grace_s)
+        metrics = {**out["metrics"], "launcher": {"name": "ray", "strategy": strategy, "bundle": bundle,
+                                                   "nodes": len(node_size), "master": f"{master_addr}:{master_port}"}}
+        return RayResult(png=out["png"], metrics=metrics, pids=pids)
+    finally:
+        for a in actors:  # success or failure: no rank outlives the request
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if started:
+            ray.shutdown()
+
+
+def _watch(ray: Any, refs: dict[Any, int], pids: list[int], timeout_s: float, poll_s: float,
+           grace_s: float) -> dict:
+    """Wait for every rank; on the first failure collect others for ``grace_s``, then raise."""
+    pending = list(refs)
+    results: dict[int, Any] = {}
+    failures: list[tuple[int, bool, str]] = []
+    deadline = time.monotonic() + timeout_s
+
+    def collect(done: list[Any]) -> None:
+        for ref in done:
+            pending.remove(ref)
+            try:
+                results[refs[ref]] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a rank's failure, reported below
+                failures.append((refs[ref], *_describe(e)))
+
+    while pending:
+        done, _ = ray.wait(pending, num_returns=1, timeout=poll_s)
+        collect(done)
+        if failures:
+            # A dead rank often makes its peers' collectives fail first; give its death time to show.
+            end = time.monotonic() + grace_s
+            while pending and time.monotonic() < end:
+                done, _ = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, end - time.monotonic()))
+                collect(done)
+            first = sorted(failures, key=lambda f: not f[1])[0]  # a death first, else the earliest
+            others = [f"rank {r}" for r, _, _ in failures if r != first[0]]
+            msg = f"rank {first[0]} {first[2]}"
+            if others:
+                msg += f"\n(then also failed: {', '.join(others)})"
+            msg += "\nall ranks stopped"
+            raise RankFailedError(first[0], msg, pids)
+        if time.monotonic() > deadline:
+            ranks = sorted(refs[r] for r in pending)
+            raise RankFailedError(ranks[0], f"timed out after {timeout_s:g} s; ranks still running: {ranks}; "
+                                  "all ranks stopped", pids)
+    return results[0]
