@@ -236,7 +236,9 @@ def test_slurm_task_variables_give_the_layout(monkeypatch):
     from flux_dist.errors import FluxDistError
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        # setenv first, so monkeypatch removes what _export_layout writes into os.environ afterwards
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "8")
