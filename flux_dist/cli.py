@@ -129,6 +129,29 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize a model's transformer once and save the whole model directory (loads with --model DIR)."""
+    from . import quant
+    from .distributed import pick_device, setup_logging
+    from .engine import parse_dtype
+    from .models.presets import save_components_quantized
+    from .models.source import load_model
+
+    setup_logging(0)
+    dev = pick_device(args.device, 0)
+    mode = quant.resolve_mode(args.quant, dev)
+    if mode == "none":
+        raise FluxDistError(f"--quant {args.quant} resolves to 'none' on {dev}: nothing to save")
+    c = load_model(args.model, dtype=parse_dtype(args.dtype), device=dev, seed=args.seed)
+    n = quant.quantize_transformer(c.transformer, mode)
+    try:
+        save_components_quantized(c, args.path, mode)
+    except ValueError as e:
+        raise FluxDistError(str(e)) from e
+    print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path}")
+    return 0
+
+
 def cmd_save_preset(args: argparse.Namespace) -> int:
     """Write a preset as a diffusers-format directory (for --model PATH and for diffusers itself)."""
     import torch
@@ -217,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole request, loading included")
     r.set_defaults(func=cmd_ray_generate)
+    qz = sub.add_parser("quantize", help="quantize a model's transformer once and save it (load with --model DIR)")
+    qz.add_argument("model", help="a preset name or a local diffusers-format directory")
+    qz.add_argument("path")
+    qz.add_argument("--quant", default="auto")
+    qz.add_argument("--dtype", default="bfloat16")
+    qz.add_argument("--device", default="auto")
+    qz.add_argument("--seed", type=int, default=0)
+    qz.set_defaults(func=cmd_quantize)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")
     s.add_argument("path")

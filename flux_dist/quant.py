@@ -109,6 +109,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.mode, self.in_features, self.out_features = mode, lin.in_features, lin.out_features
         self.out_dtype = lin.weight.dtype
+        if mode.endswith("-emulate"):
+            mode = mode.removesuffix("-emulate")
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
         w = lin.weight.detach()
         if mode.startswith("fp8"):
@@ -209,6 +211,56 @@ def resolve_mode(mode: str, device: torch.device) -> str:
         log.warning("*** --quant %s EMULATES low-precision GEMMs in high precision: numerics only, SLOWER "
                     "than bf16; never use it for speed ***", mode)
     return mode
+
+
+QUANT_FILE = "flux_dist_quant.json"
+WEIGHTS_FILE = "quantized.safetensors"
+
+
+def save_quantized(tr: nn.Module, mode: str, folder: str) -> None:
+    """Write a quantized transformer (config + one safetensors file + what was quantized) so a large
+    model is quantized once. Format: flux-dist's own (the QuantLinear buffers), not ModelOpt's."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tr.save_config(folder)
+    sd = {k: v.contiguous() for k, v in tr.state_dict().items()}
+    save_file(sd, os.path.join(folder, WEIGHTS_FILE))
+    names = [n for n, m in tr.named_modules() if isinstance(m, QuantLinear)]
+    with open(os.path.join(folder, QUANT_FILE), "w") as f:
+        json.dump({"format": "flux-dist-quant/1", "mode": mode, "modules": names}, f, indent=1)
+
+
+def load_quantized(folder: str, device: torch.device) -> tuple[nn.Module, str]:
+    """The inverse of ``save_quantized``: shells built on the meta device, then the saved tensors assigned.
+
+    A mode the device cannot run (FP8 on CPU, NVFP4 before Blackwell) is switched to its emulation,
+    with the loud warning, rather than failing at the first GEMM.
+    """
+    import json
+    import os
+
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import load_file
+
+    meta = json.load(open(os.path.join(folder, QUANT_FILE)))
+    with torch.device("meta"):
+        tr = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(folder))
+        quantize_transformer(tr, meta["mode"])
+    tr.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
+    mode = meta["mode"]
+    try:
+        resolve_mode(mode, device)
+    except NotSupportedError:
+        mode = f"{mode}-emulate"
+        resolve_mode(mode, device)
+    for m in tr.modules():
+        if isinstance(m, QuantLinear):
+            m.mode = mode
+    return tr.eval().requires_grad_(False), mode
 
 
 def quantize_transformer(tr: nn.Module, mode: str) -> int:

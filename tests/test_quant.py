@@ -157,3 +157,23 @@ def test_quantized_model_same_in_every_layout():
     for rank_out in run_distributed(_quant_layouts, 2, [(2, 1), (1, 2)]):
         for lat in rank_out:
             assert ((lat - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_quantize_once_save_and_load(tmp_path):
+    """`flux-dist quantize` writes a directory that `--model DIR` loads to the same quantized model."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "tiny-nvfp4"
+    r = subprocess.run([sys.executable, "-m", "flux_dist", "quantize", "flux2-tiny", str(d), "--quant",
+                        "nvfp4-emulate", "--dtype", "float32", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (d / "transformer" / "flux_dist_quant.json").is_file()
+    loaded = Engine(dataclasses.replace(_cfg(quant="none"), model=dataclasses.replace(
+        _cfg().model, model=str(d), quant="none")))
+    assert sum(isinstance(m, QuantLinear) for m in loaded.tr.modules()) == 12
+    fresh = Engine(_cfg())  # flux2-tiny quantized in memory
+    a = loaded.generate(loaded.cfg.request, decode=False).latents
+    b = fresh.generate(fresh.cfg.request, decode=False).latents
+    assert torch.equal(a, b)

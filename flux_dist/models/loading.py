@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from ..quant import QUANT_FILE, load_quantized
 from .presets import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
 
 # model_index.json _class_name -> family
@@ -97,9 +98,12 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     def sub(name: str) -> str:
         return os.path.join(path, name)
 
-    transformer = Flux2Transformer2DModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
-    )
+    if os.path.exists(os.path.join(path, "transformer", QUANT_FILE)):  # saved by `flux-dist quantize`
+        transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
+    else:
+        transformer = Flux2Transformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
+        )
     vae = AutoencoderKLFlux2.from_pretrained(
         path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement
     )

@@ -403,6 +403,20 @@ def to_diffusers_pipeline(c: Components) -> Flux2Pipeline | Flux2KleinPipeline:
     return pipe
 
 
+def save_components_quantized(c: Components, path: str, mode: str) -> None:
+    """Like ``save_components`` but the (already quantized) transformer goes in flux-dist's quantized format."""
+    from ..quant import save_quantized
+
+    if c.text_encoder is None or c.tokenizer is None:
+        raise ValueError(f"{c.name} has no text encoder here (random prompt embeddings): nothing to save it with")
+    os.makedirs(path, exist_ok=True)
+    pipe = to_diffusers_pipeline(c)
+    pipe.save_config(path)  # model_index.json
+    for name in ("vae", "scheduler", "text_encoder", "tokenizer"):
+        getattr(c, name).save_pretrained(os.path.join(path, name))
+    save_quantized(c.transformer, mode, os.path.join(path, "transformer"))
+
+
 def save_components(c: Components, path: str) -> None:
     """Write a diffusers-format directory (model_index.json + one subfolder per component)."""
     os.makedirs(path, exist_ok=True)
