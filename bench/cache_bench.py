@@ -32,6 +32,8 @@ MODEL = os.environ.get("BENCH_MODEL", "flux2-dev")
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
 SIZE = int(os.environ.get("BENCH_SIZE", "1024"))
 DTYPE = "bfloat16" if DEVICE == "cuda" else "float32"
+QUANT = os.environ.get("BENCH_QUANT", "none")  # e.g. fp8: the full stack under the cache
+COMPILE = os.environ.get("BENCH_COMPILE", "0") == "1"
 
 
 def sync() -> None:
@@ -41,6 +43,7 @@ def sync() -> None:
 
 def cfg(ulysses: int = 1, **cache):
     c = load_config(None, {"model.model": MODEL, "model.dtype": DTYPE, "model.device": DEVICE,
+                           "model.quant": QUANT, "model.compile": COMPILE,
                            "parallel.ulysses": ulysses, **{f"cache.{k}": v for k, v in cache.items()}})
     c.request = dataclasses.replace(c.request, prompt="a red fox in the snow", height=SIZE, width=SIZE,
                                     steps=STEPS, guidance=4.0, seed=0, max_sequence_length=512)
@@ -154,12 +157,24 @@ def single(out_dir: str) -> None:
         json.dump({"threshold": th}, f)
 
 
+def baseline(out_dir: str) -> None:
+    """Only the diffusers eager 1-GPU baseline (same weights and embeddings as the other modes)."""
+    eng = Engine(cfg())
+    write_json(f"{out_dir}/baseline.json", {"diffusers-eager-1gpu_denoise_s": baseline_pipeline(eng)})
+    log("diffusers eager 1 GPU denoise", json.load(open(f"{out_dir}/baseline.json")))
+
+
 def sp(out_dir: str) -> None:
-    th = json.load(open(f"{out_dir}/threshold.json"))["threshold"]
     eng = Engine(cfg(ulysses=2))
-    rows = {}
+    rows = {"quant": QUANT, "compile": COMPILE}
     denoise(eng, steps=3)
     rows["ours-ulysses2"], _ = denoise(eng)
+    if os.path.exists(f"{out_dir}/threshold.json"):
+        th = json.load(open(f"{out_dir}/threshold.json"))["threshold"]
+    else:  # pick it on this stack's own full-compute trajectory
+        rec, _ = denoise(eng, {"mode": "calibrate"})
+        th = pick_threshold(rec["rel"], FLUX2_DEV_TEACACHE)
+    rows["threshold"] = th
     rows["ours-ulysses2-teacache"], _ = denoise(eng, {"mode": "teacache", "threshold": th})
     rows["decision_ms"] = decision_cost_ms(eng)
     log("ours u2", rows["ours-ulysses2"]["denoise_s"], "teacache", rows["ours-ulysses2-teacache"]["denoise_s"],
@@ -170,4 +185,4 @@ def sp(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"single": single, "sp": sp}[sys.argv[1]](sys.argv[2])
+    {"single": single, "sp": sp, "baseline": baseline}[sys.argv[1]](sys.argv[2])
