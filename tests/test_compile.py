@@ -16,8 +16,8 @@ from dist_utils import run_distributed
 def _cfg(u=1, r=1, compile_=True, backend="aot_eager", **req):
     c = load_config(None, {"model.model": "flux2-tiny", "model.compile": compile_, "model.compile_backend": backend,
                            "parallel.ulysses": u, "parallel.ring": r})
-    c.request = dataclasses.replace(c.request, prompt="a fox", height=64, width=64, steps=2, max_sequence_length=16,
-                                    **req)
+    c.request = dataclasses.replace(c.request, **{"prompt": "a fox", "height": 64, "width": 64, "steps": 2,
+                                                  "max_sequence_length": 16, **req})
     return c
 
 
@@ -48,3 +48,17 @@ def test_compiled_collectives_under_ulysses_and_ring():
     for rank_out in run_distributed(_run, 2, [(2, 1), (1, 2)], timeout=600):
         for got, _ in rank_out:
             assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_step_cache_causes_no_recompiles():
+    """TeaCache decides outside the compiled blocks: skipping steps must not retrace anything."""
+    torch._dynamo.reset()
+    cfg = _cfg(steps=6)
+    cfg.cache = dataclasses.replace(cfg.cache, mode="teacache", threshold=2.0,
+                                    coefficients=[1.04582360e02, -6.87605554e00, -8.61659379e-02, 5.37600252e-02])
+    eng = Engine(cfg)
+    first = eng.generate(cfg.request, decode=False)
+    assert first.metrics["cache_skipped_steps"] > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = eng.generate(dataclasses.replace(cfg.request, seed=9), decode=False)
+    assert second.metrics["cache_skipped_steps"] > 0
