@@ -77,12 +77,6 @@ def ulysses_recv(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return y[0], y[1], y[2]
 
 
-def ulysses_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
-                          group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, S, H, D]`` sequence shards -> ``[B, H/u, u*S, D]`` head shards, ready for the kernel."""
-    return ulysses_recv(ulysses_send(q, k, v, u, group))
-
-
 def ulysses_gather_heads(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
     """``[B, H/u, u*S, D]`` -> ``[B, S, H, D]``: the inverse all-to-all."""
     b, hu, us, d = out.shape

@@ -89,13 +89,6 @@ class Mesh:
                     else:
                         self.groups[axis] = g
 
-    def ranks_of(self, axis: str) -> list[int]:
-        """Global ranks in this rank's group along ``axis`` (in axis order)."""
-        i = AXES.index(axis)
-        coord = [self.cfg_rank, self.ring_rank, self.ulysses_rank]
-        coord[i] = slice(None)
-        return self._grid()[tuple(coord)].tolist()
-
     def describe(self) -> dict:
         return {
             "world_size": self.world_size,
@@ -103,11 +96,3 @@ class Mesh:
             "ring": self.dims.ring,
             "ulysses": self.dims.ulysses,
         }
-
-
-def single_mesh() -> Mesh:
-    return Mesh(ParallelDims(), 0, 1)
-
-
-def is_distributed(t: torch.Tensor | None = None) -> bool:
-    return dist.is_available() and dist.is_initialized()
