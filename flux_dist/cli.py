@@ -25,6 +25,8 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--compile": ("model.compile", bool),
     "--compile-cache-dir": ("model.compile_cache_dir", str),
     "--cuda-graphs": ("model.cuda_graphs", bool),
+    "--attention": ("model.attention", str),
+    "--attention-fp8": ("model.attention_fp8", bool),
     "--prompt": ("request.prompt", str),
     "--negative-prompt": ("request.negative_prompt", str),
     "--height": ("request.height", int),

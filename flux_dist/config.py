@@ -25,6 +25,8 @@ class ModelConfig:
     compile_backend: str = "inductor"
     compile_cache_dir: str | None = None  # persistent inductor cache (warm starts)
     cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
+    attention: str = "auto"  # auto | fa3 | cudnn | flash | sdpa; a missing kernel falls back with a notice
+    attention_fp8: bool = False  # FP8 (E4M3, per-head scales) q/k/v into FA3 (Hopper); bf16 elsewhere
 
 
 @dataclass

@@ -73,11 +73,11 @@ class Engine:
         self.tr = self.c.transformer.eval()
         self.quant = quant.resolve_mode(cfg.model.quant, self.dist.device)
         n_quant = quant.quantize_transformer(self.tr, self.quant)
-        self.ctx = AttnContext(self.mesh)
+        kernel = kernels.resolve(cfg.model.attention, cfg.model.attention_fp8, self.dist.device, self.dtype)
+        self.ctx = AttnContext(self.mesh, kernel=kernel)
         flux2.parallelize(self.tr, self.ctx)
         if cfg.model.compile:
             compile_mod.enable_cache(cfg.model.compile_cache_dir)
-            kernels.warmup(self.dist.device, self.dtype)  # probes run eagerly, never inside a traced graph
             compile_mod.compile_blocks(self.tr, cfg.model.compile_backend)
         self.stack = flux2.image_stack
         if cfg.model.cuda_graphs:
@@ -85,11 +85,10 @@ class Engine:
                 raise NotSupportedError("--cuda-graphs needs a CUDA device")
             if cfg.cache.mode == "fbcache":
                 raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
-            kernels.warmup(self.dist.device, self.dtype)
             self.stack = GraphedStack()
         self._plans: dict[tuple[int, int], ShardPlan] = {}
-        log.info("model %s: quant=%s (%d linears), compile=%s, layout %s", self.c.name, self.quant, n_quant,
-                 cfg.model.compile, self.mesh.describe())
+        log.info("model %s: quant=%s (%d linears), attention=%s%s, compile=%s, layout %s", self.c.name, self.quant,
+                 n_quant, kernel.name, "+fp8" if kernel.fp8 else "", cfg.model.compile, self.mesh.describe())
         vae_cfg = self.c.vae.config
         self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=self.vae_scale * 2)
@@ -208,6 +207,7 @@ class Engine:
             "device": str(dev),
             "dtype": self.cfg.model.dtype,
             "quant": self.quant,
+            "attention": self.ctx.kernel.name + ("+fp8" if self.ctx.kernel.fp8 else ""),
             "compile": self.cfg.model.compile,
             "cuda_graphs": self.cfg.model.cuda_graphs,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,

@@ -32,7 +32,8 @@ MODES = ("none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "auto")
 # time/guidance embedding, modulation, norm_out, proj_out, the text stream's attention projections).
 QUANTIZED = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.linear_in", "ff.linear_out",
              "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out",
-             "attn.fd_split.qkv", "attn.fd_split.mlp")  # the last two: the Ulysses split of to_qkv_mlp_proj
+             "attn.fd_split.qkv", "attn.fd_split.mlp",  # the Ulysses split of to_qkv_mlp_proj
+             "attn.fd_qkv.img")  # fused image-stream q/k/v (the text stream's stays high precision)
 
 
 # -- FP8 -----------------------------------------------------------------------------------------
@@ -191,6 +192,27 @@ def slice_linear(lin: nn.Module, rows: slice | None = None, cols: slice | None =
         new.register_buffer("weight_global", lin.weight_global)
     new.out_features = new.weight_q.shape[0]
     new.in_features = new.weight_q.shape[1] * (2 if lin.mode.startswith("nvfp4") else 1)
+    return new
+
+
+def concat_linears(lins: list[nn.Module]) -> nn.Module | None:
+    """One linear computing ``cat([lin(x) for lin in lins], -1)`` (exact: scales are per output row),
+    or None where the format does not allow it (NVFP4 has one global scale per weight tensor)."""
+    if all(isinstance(m, nn.Linear) for m in lins):
+        w = torch.cat([m.weight.detach() for m in lins])
+        out = nn.Linear(w.shape[1], w.shape[0], bias=lins[0].bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.data.copy_(w)
+        if out.bias is not None:
+            out.bias.data.copy_(torch.cat([m.bias.detach() for m in lins]))
+        return out.requires_grad_(False)
+    if not all(isinstance(m, QuantLinear) and m.mode.startswith("fp8") for m in lins):
+        return None
+    new = slice_linear(lins[0])
+    new.weight_q = torch.cat([m.weight_q for m in lins])
+    new.weight_scale = torch.cat([m.weight_scale for m in lins], dim=1)
+    if new.bias is not None:
+        new.bias = nn.Parameter(torch.cat([m.bias.detach() for m in lins]), requires_grad=False)
+    new.out_features = new.weight_q.shape[0]
     return new
 
 

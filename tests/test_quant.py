@@ -177,3 +177,21 @@ def test_quantize_once_save_and_load(tmp_path):
     a = loaded.generate(loaded.cfg.request, decode=False).latents
     b = fresh.generate(fresh.cfg.request, decode=False).latents
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["none", "fp8-emulate", "nvfp4-emulate"])
+def test_fused_qkv_is_exact_where_the_format_allows(mode):
+    """q/k/v fused into one GEMM give the three outputs exactly (per-row scales); NVFP4 keeps them apart."""
+    from flux_dist.quant import concat_linears
+
+    torch.manual_seed(3)
+    lins = [torch.nn.Linear(32, 48, bias=False) for _ in range(3)]
+    if mode != "none":
+        lins = [QuantLinear(m, mode) for m in lins]
+    fused = concat_linears(lins)
+    if mode.startswith("nvfp4"):
+        assert fused is None
+        return
+    x = torch.randn(5, 32)
+    assert torch.equal(fused(x), torch.cat([m(x) for m in lins], dim=-1))
+    assert fused.out_features == 144

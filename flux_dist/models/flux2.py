@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from ..parallel.attention import AttnContext, check_heads, sp_attention, sp_finish, sp_send
-from ..quant import slice_linear
+from ..quant import concat_linears, slice_linear
 
 
 class DoubleStreamAttnProcessor:
@@ -39,7 +39,12 @@ class DoubleStreamAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        fused = getattr(attn, "fd_qkv", None)
+        if fused is not None:
+            q, k, v = fused["img"](hidden_states).chunk(3, dim=-1)
+            eq, ek, ev = fused["txt"](encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
         eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
         q = torch.cat([attn.norm_added_q(eq), attn.norm_q(q)], dim=1)
@@ -97,10 +102,25 @@ def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
     check_heads(transformer.config.num_attention_heads, ctx.mesh.dims.ulysses)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(DoubleStreamAttnProcessor(ctx))
+        fuse_qkv(block.attn)
     for block in transformer.single_transformer_blocks:
         block.attn.set_processor(SingleStreamAttnProcessor(ctx))
         if ctx.mesh.dims.ulysses > 1:
             split_for_overlap(block.attn)
+
+
+def fuse_qkv(attn: Flux2Attention) -> None:
+    """One GEMM per stream for q/k/v (wider N, one activation read) where the weight format allows it."""
+    if getattr(attn, "fd_qkv", None) is not None:
+        return
+    img = concat_linears([attn.to_q, attn.to_k, attn.to_v])
+    txt = concat_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+    if img is None or txt is None:
+        return
+    attn.fd_qkv = torch.nn.ModuleDict({"img": img, "txt": txt})
+    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        delattr(attn, name)
+        setattr(attn, name, None)
 
 
 def split_for_overlap(attn: Flux2ParallelSelfAttention) -> None:

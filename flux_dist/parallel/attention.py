@@ -31,6 +31,7 @@ class AttnContext:
     plan: ShardPlan | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     key_idx: tuple[torch.Tensor | None, ...] = ()
+    kernel: kernels.Kernel = field(default_factory=kernels.Kernel)  # see kernels.resolve
 
     def __post_init__(self) -> None:
         if self.plan is not None:
@@ -71,9 +72,12 @@ def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: int,
 
 
 def ulysses_recv(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Wait for the all-to-all; one copy straight into the kernel's ``[B, H/u, u*S, D]`` layout."""
+    """Wait for the all-to-all; one copy into ``[B, u*S, H/u, D]`` memory, returned as ``[B, H/u, u*S, D]`` views.
+
+    That memory order is FA3's native layout, and the output all-to-all then needs no copy to send.
+    """
     u, _, b, s, hu, d = y.shape
-    y = wait(y).permute(1, 2, 4, 0, 3, 5).reshape(3, b, hu, u * s, d)
+    y = wait(y).permute(1, 2, 0, 3, 4, 5).reshape(3, b, u * s, hu, d).transpose(2, 3)
     return y[0], y[1], y[2]
 
 
@@ -116,7 +120,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnC
         idx = ctx.key_index(src)
         kb, vb = _select(kv[0], idx), _select(kv[1], idx)
         if kb.shape[2] > 0:
-            o, l = kernels.attention_lse(q, kb, vb)
+            o, l = kernels.attention_lse(q, kb, vb, ctx.kernel)
             if acc is None:
                 acc, lse = o.float(), l
             else:
@@ -146,7 +150,7 @@ def sp_finish(pending, ctx: AttnContext) -> torch.Tensor:
         out = ring_attention(q, k, v, ctx)
     else:
         idx = ctx.key_index(0)
-        out = kernels.attention(q, _select(k, idx), _select(v, idx))
+        out = kernels.attention(q, _select(k, idx), _select(v, idx), ctx.kernel)
     if u > 1:
         return ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
     return out.transpose(1, 2)

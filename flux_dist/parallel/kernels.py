@@ -1,59 +1,166 @@
 """Local attention kernels on ``[B, H, S, D]`` tensors: plain, and with the log-sum-exp (for the ring).
 
+Which kernel runs is chosen once per process (``resolve``): on Hopper in bf16 FA3's forward kernel
+(the ``fa3-fwd`` wheel) is the fastest measured (697 TFLOP/s, cuDNN 587, SDPA flash 341; DESIGN.md),
+and it also takes FP8 inputs (857-921 TFLOP/s) with one descale per (batch, head). A kernel that is
+not installed or does not run here falls back to the next-best with a one-line notice, never an error.
 The ring merges partial results through the log-sum-exp, which SDPA's public API does not return;
-the aten entry points of the flash / cuDNN / CPU-flash kernels do.
+FA3 and the aten entry points of the flash / cuDNN / CPU-flash kernels do.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import FluxDistError
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """On Hopper in bf16 the cuDNN kernel is about 1.7x SDPA's default flash backend (DESIGN.md)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _cudnn_ok():
+log = logging.getLogger("flux_dist")
+
+BACKENDS = ("auto", "fa3", "cudnn", "flash", "sdpa")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A resolved choice: ``name`` is a concrete backend, or ``auto`` (resolved at the first call)."""
+
+    name: str = "auto"
+    fp8: bool = False
+
+
+# -- choosing --------------------------------------------------------------------------------
+_PROBED: dict[tuple[str, str], str | None] = {}  # (backend, device) -> None if it runs, else why not
+_RESOLVED: dict[tuple[str, bool, str, torch.dtype], Kernel] = {}
+
+
+def _probe(name: str, device: torch.device) -> str | None:
+    """Run the kernel once on a tiny input (eagerly, never inside a trace); the reason it fails, or None."""
+    key = (name, str(device))
+    if key not in _PROBED:
+        try:
+            x = torch.randn(1, 2, 128, 128, device=device, dtype=torch.bfloat16)
+            if name == "fa3":
+                if torch.cuda.get_device_capability(device)[0] != 9:
+                    raise RuntimeError("FA3's kernels are built for Hopper (sm_90)")
+                _fa3(x, x, x, fp8=False)
+                _fa3(x, x, x, fp8=True)
+            elif name == "cudnn":
+                torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False)
+            elif name == "flash":
+                torch.ops.aten._scaled_dot_product_flash_attention(x, x, x)
+            _PROBED[key] = None
+        except Exception as e:  # noqa: BLE001 - any failure means: use the next-best kernel
+            _PROBED[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    return _PROBED[key]
+
+
+def resolve(requested: str = "auto", fp8: bool = False, device: torch.device | str = "cpu",
+            dtype: torch.dtype = torch.float32) -> Kernel:
+    """Pick the kernel for this device and dtype; a missing one gives a notice (once) and the next-best."""
+    if requested not in BACKENDS:
+        raise FluxDistError(f"unknown attention kernel '{requested}' (choose from {', '.join(BACKENDS)})")
+    device = torch.device(device)
+    key = (requested, fp8, str(device), dtype)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(requested, fp8, device, dtype)
+    return _RESOLVED[key]
+
+
+def _resolve(requested: str, fp8: bool, device: torch.device, dtype: torch.dtype) -> Kernel:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        order = ["sdpa"]
+    else:
+        order = ["fa3", "cudnn", "flash", "sdpa"]
+    if requested != "auto" and requested not in order:
+        log.warning("attention kernel '%s' does not run on %s in %s; using %s", requested, device.type,
+                    str(dtype).removeprefix("torch."), order[0])
+    start = order.index(requested) if requested in order else 0
+    name = "sdpa"
+    for cand in order[start:]:
+        why = None if cand == "sdpa" else _probe(cand, device)
+        if why is None:
+            name = cand
+            break
+        if requested != "auto" or cand != "fa3" or fp8:
+            log.warning("attention kernel %s unavailable (%s); using the next-best", cand, why)
+        else:
+            log.info("attention kernel fa3 unavailable (%s); using the next-best", why)
+    if fp8 and name != "fa3":
+        log.warning("FP8 attention needs the FA3 kernel (fa3-fwd wheel on Hopper); attention stays %s with %s",
+                    str(dtype).removeprefix("torch."), name)
+        fp8 = False
+    return Kernel(name, fp8)
+
+
+def warmup(device: torch.device, dtype: torch.dtype, kernel: Kernel | None = None) -> Kernel:
+    """Run the one-time probes now (outside any torch.compile trace); returns the resolved kernel."""
+    kernel = kernel or Kernel()
+    return resolve(kernel.name, kernel.fp8, device, dtype)
+
+
+def _concrete(kernel: Kernel, q: torch.Tensor) -> Kernel:
+    return kernel if kernel.name != "auto" else resolve("auto", kernel.fp8, q.device, q.dtype)
+
+
+# -- FP8 inputs ------------------------------------------------------------------------------
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, S, H, D]`` -> (E4M3 values, float32 descale ``[B, H]``): one scale per head over all tokens.
+
+    FA3 multiplies the scores by ``q_descale * k_descale`` and the output by ``v_descale``, so a head's
+    largest magnitude maps to 448; heads differ by orders of magnitude after QK-norm gains.
+    """
+    amax = x.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # [B, H]
+    scale = amax / FP8_MAX
+    q = (x.float() / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA3 forward on ``[B, H, S, D]`` views (it takes ``[B, S, H, D]`` with any seq / head strides)."""
+    import fa3_fwd_interface  # noqa: F401 - registers torch.ops.fa3_fwd (a compile-friendly custom op)
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    scales: dict[str, torch.Tensor] = {}
+    if fp8:
+        (qt, scales["q_descale"]), (kt, scales["k_descale"]), (vt, scales["v_descale"]) = (
+            quantize_per_head(t) for t in (qt, kt, vt))
+    out, lse = torch.ops.fa3_fwd._flash_attn_forward(qt, kt, vt, **scales)[:2]
+    return out.to(q.dtype).transpose(1, 2), lse
+
+
+# -- running ---------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Kernel = Kernel()) -> torch.Tensor:
+    """Full (non-causal) attention; the output may be a ``[B, H, S, D]`` view of a ``[B, S, H, D]`` tensor."""
+    kernel = _concrete(kernel, q)
+    if kernel.name == "fa3":
+        return _fa3(q, k, v, kernel.fp8)[0]
+    if kernel.name == "cudnn":
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
+    if kernel.name == "flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
     return F.scaled_dot_product_attention(q, k, v)
 
 
-_CUDNN: bool | None = None
-
-
-def _cudnn_ok() -> bool:
-    """Probe the cuDNN attention entry point once; fall back to SDPA with a one-line notice."""
-    global _CUDNN
-    if _CUDNN is None:
-        try:
-            x = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
-            torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False)
-            _CUDNN = True
-        except Exception as e:  # noqa: BLE001 - any failure means: use the next-best kernel
-            logging.getLogger("flux_dist").warning("cuDNN attention unavailable (%s); using SDPA", str(e)[:80])
-            _CUDNN = False
-    return _CUDNN
-
-
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  kernel: Kernel = Kernel()) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out, lse)`` with ``lse`` float32 ``[B, H, S]`` (natural log)."""
+    kernel = _concrete(kernel, q)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
         return out, lse.float()
-    if q.dtype in (torch.float16, torch.bfloat16):
-        if _cudnn_ok():
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
-            return res[0], res[1].float().reshape(q.shape[:-1])
+    if kernel.name == "fa3":
+        return _fa3(q, k, v, kernel.fp8)
+    if kernel.name == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+        return res[0], res[1].float().reshape(q.shape[:-1])
+    if kernel.name == "flash":
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
         return res[0], res[1].float()
     return _math_lse(q, k, v)
-
-
-def warmup(device: torch.device, dtype: torch.dtype) -> None:
-    """Run the one-time kernel probes now (outside any torch.compile trace)."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        _cudnn_ok()
 
 
 def _math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
