@@ -1,12 +1,17 @@
-"""Fast ranks: one FLUX.2 [dev] pass (random bf16 weights) at 1024x1024 — eager, + regional compile,
-+ FP8 linears — next to diffusers eager in the same call.
+"""Fast ranks: one FLUX.2 [dev] pass (random bf16 weights) — eager, + regional compile, + FP8 linears,
++ FA3 attention, + FP8 attention, + CUDA graphs — next to diffusers eager in the same call.
 
-  python bench/fast_bench.py single OUT.json
-  torchrun --nproc-per-node 2 bench/fast_bench.py sp OUT.json
+  python bench/fast_bench.py single OUT.json [quick]
+  torchrun --nproc-per-node 2 bench/fast_bench.py sp OUT.json [quick]
+
+Every stage keeps the previous ones (cumulative). Each row records the median ms per pass at 1024x1024,
+the first-call seconds after a recompile, and the relative error of the pass output against our eager
+bf16 output (same inputs). ``quick`` skips CUDA graphs and 2048x2048.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -25,56 +30,72 @@ from flux_dist.parallel.attention import AttnContext
 from flux_dist.parallel.mesh import Mesh, ParallelDims
 
 H = W = 1024
-QUICK = len(sys.argv) > 3 and sys.argv[3] == "quick"  # skip CUDA graphs and 2048x2048
+QUICK = len(sys.argv) > 3 and sys.argv[3] == "quick"
+OUT: list[str] = []  # where rank 0 writes the rows after every stage (a late failure keeps the early rows)
 
 
-def variants(tr, ctx, dev, rows: dict, tag: str) -> None:
-    kw = pass_inputs(dev, H, W)
-    fn = ours_fn(tr, ctx, kw)
-    rows[f"ours-{tag}-eager"] = time_ms(fn)
-    ref = fn().float()
-    log(tag, "eager", rows[f"ours-{tag}-eager"])
-    kernels.warmup(dev, torch.bfloat16)
-    compile_blocks(tr)
+def save(rows: dict) -> None:
+    if OUT and int(os.environ.get("RANK", "0")) == 0:
+        write_json(OUT[0], rows)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+def stage(rows: dict, key: str, fn, ref: torch.Tensor | None) -> torch.Tensor:
+    """First call (compile) timed on the host, then the median of CUDA-event timings."""
     t0 = time.perf_counter()
-    fn()
+    out = fn().float()
     torch.cuda.synchronize()
-    rows[f"ours-{tag}-compile-first-call-s"] = time.perf_counter() - t0
-    rows[f"ours-{tag}-compile"] = time_ms(fn)
-    rows[f"ours-{tag}-compile-rel-err-vs-eager"] = ((fn().float() - ref).norm() / ref.norm()).item()
-    log(tag, "compile", rows[f"ours-{tag}-compile"], "first call s", rows[f"ours-{tag}-compile-first-call-s"],
-        "rel err vs eager", rows[f"ours-{tag}-compile-rel-err-vs-eager"])
+    first = time.perf_counter() - t0
+    rows[key] = {**time_ms(fn), "first_call_s": first, "rel_err_vs_eager_bf16": None if ref is None
+                 else rel_err(out, ref)}
+    log(f"{key:40s} {rows[key]['median_ms']:8.1f} ms  first call {first:6.1f} s  "
+        f"rel err {rows[key]['rel_err_vs_eager_bf16']}")
+    save(rows)
+    return out
+
+
+def recompile(tr) -> None:
+    torch._dynamo.reset()
+    compile_blocks(tr)
+
+
+def variants(tr, ctx: AttnContext, dev, rows: dict, tag: str) -> None:
+    fn = ours_fn(tr, ctx, pass_inputs(dev, H, W))
+    ctx.kernel = kernels.resolve("cudnn", False, dev, torch.bfloat16)  # issue-2 rows used cuDNN
+    ref = stage(rows, f"ours-{tag}-eager", fn, None)
+    recompile(tr)
+    stage(rows, f"ours-{tag}-compile", fn, ref)
     t0 = time.perf_counter()
     n = quant.quantize_transformer(tr, "fp8")
     torch.cuda.synchronize()
     rows[f"ours-{tag}-fp8-quantize-s"] = time.perf_counter() - t0
-    torch._dynamo.reset()
-    compile_blocks(tr)
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    rows[f"ours-{tag}-fp8-compile-first-call-s"] = time.perf_counter() - t0
-    rows[f"ours-{tag}-fp8-compile"] = time_ms(fn)
-    rows[f"ours-{tag}-fp8-rel-err-vs-bf16"] = ((out.float() - ref).norm() / ref.norm()).item()
-    log(tag, "fp8+compile", n, "linears", rows[f"ours-{tag}-fp8-compile"], "rel err",
-        rows[f"ours-{tag}-fp8-rel-err-vs-bf16"], "first call s", rows[f"ours-{tag}-fp8-compile-first-call-s"])
+    rows[f"ours-{tag}-fp8-linears"] = n
+    recompile(tr)
+    stage(rows, f"ours-{tag}-compile-fp8", fn, ref)
+    ctx.kernel = kernels.resolve("fa3", False, dev, torch.bfloat16)
+    rows[f"ours-{tag}-attention"] = ctx.kernel.name
+    recompile(tr)
+    stage(rows, f"ours-{tag}-compile-fp8-fa3", fn, ref)
+    ctx.kernel = kernels.resolve("fa3", True, dev, torch.bfloat16)
+    rows[f"ours-{tag}-attention-fp8"] = ctx.kernel.fp8
+    recompile(tr)
+    out = stage(rows, f"ours-{tag}-compile-fp8-fa3fp8", fn, ref)
     if QUICK:
         return
     gs = GraphedStack()
-    gfn = ours_fn(tr, ctx, kw, gs)
-    t0 = time.perf_counter()
-    gout = gfn().float()
-    torch.cuda.synchronize()
-    rows[f"ours-{tag}-graph-capture-s"] = time.perf_counter() - t0
-    rows[f"ours-{tag}-fp8-compile-graphs"] = time_ms(gfn)
-    rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"] = ((gout - out.float()).norm() / out.float().norm()).item()
-    log(tag, "fp8+compile+graphs", rows[f"ours-{tag}-fp8-compile-graphs"], "vs non-graph rel err",
-        rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"])
-    kw2 = pass_inputs(dev, 2048, 2048)
-    g2 = ours_fn(tr, ctx, kw2, gs)
-    g2()
-    rows[f"ours-{tag}-fp8-compile-graphs-2048"] = time_ms(g2, warm=1, rep=3)
-    log(tag, "fp8+compile+graphs 2048", rows[f"ours-{tag}-fp8-compile-graphs-2048"])
+    gfn = ours_fn(tr, ctx, pass_inputs(dev, H, W), gs)
+    gout = stage(rows, f"ours-{tag}-compile-fp8-fa3fp8-graphs", gfn, ref)
+    rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"] = rel_err(gout, out)
+    for key, kernel in (("fa3", kernels.Kernel("fa3", False)), ("fa3fp8", ctx.kernel)):
+        ctx.kernel = kernel
+        recompile(tr)
+        g2 = ours_fn(tr, ctx, pass_inputs(dev, 2048, 2048), GraphedStack())
+        g2()
+        rows[f"ours-{tag}-compile-fp8-{key}-graphs/2048"] = time_ms(g2, warm=1, rep=3)
+        log(f"ours-{tag}-compile-fp8-{key}-graphs/2048", rows[f"ours-{tag}-compile-fp8-{key}-graphs/2048"])
     rows[f"peak_gib-{tag}"] = torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -93,13 +114,39 @@ def fp8_linear_check(dev) -> dict:
     return r
 
 
+def attention_check(dev) -> dict:
+    """Each kernel at FLUX.2 [dev] shape (48 x 128, 4608 tokens) against float32 math attention."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4608, 48, 128, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    q, k = (F.rms_norm(t, (128,)) for t in (q, k))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q[:, :8].float(), k[:, :8].float(), v[:, :8].float())
+    r: dict = {}
+    for name, fp8 in (("cudnn", False), ("flash", False), ("fa3", False), ("fa3", True)):
+        kern = kernels.resolve(name, fp8, dev, torch.bfloat16)
+        key = f"{kern.name}{'-fp8' if kern.fp8 else ''}"
+        f = lambda kern=kern: kernels.attention(q, k, v, kern)  # noqa: E731
+        o = f()
+        r[key] = {**time_ms(f, warm=5, rep=20), "rel_err_vs_fp32": rel_err(o[:, :8], ref)}
+        _, lse = kernels.attention_lse(q, k, v, kern)
+        s = (q[:, :8].float() @ k[:, :8].float().transpose(-1, -2)) * 128 ** -0.5
+        r[key]["lse_max_abs_err"] = (lse[:, :8] - torch.logsumexp(s, -1)).abs().max().item()
+        log(f"attention {key:10s} {r[key]['median_ms']:.3f} ms  rel err {r[key]['rel_err_vs_fp32']:.2e}  "
+            f"lse err {r[key]['lse_max_abs_err']:.1e}")
+    return r
+
+
 @torch.inference_mode()
 def single(out: str) -> None:
     dev = torch.device("cuda", 0)
     tr = build_preset("flux2-dev", dtype=torch.bfloat16, device=dev, seed=0).transformer.eval()
-    rows = {"diffusers-eager-1gpu": time_ms(lambda: tr(**pass_inputs(dev, H, W), return_dict=False))}
+    rows = {"diffusers-eager": time_ms(lambda: tr(**pass_inputs(dev, H, W), return_dict=False))}
+    log("diffusers eager 1 GPU", rows["diffusers-eager"])
     rows["fp8-linear-check"] = fp8_linear_check(dev)
-    log("diffusers eager 1 GPU", rows["diffusers-eager-1gpu"])
+    rows["attention-check"] = attention_check(dev)
     ctx = AttnContext(Mesh(ParallelDims(), 0, 1))
     flux2.parallelize(tr, ctx)
     variants(tr, ctx, dev, rows, "1gpu")
@@ -120,4 +167,5 @@ def sp(out: str) -> None:
 
 
 if __name__ == "__main__":
+    OUT.append(sys.argv[2])
     {"single": single, "sp": sp}[sys.argv[1]](sys.argv[2])

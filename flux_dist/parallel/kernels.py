@@ -22,6 +22,7 @@ log = logging.getLogger("flux_dist")
 
 BACKENDS = ("auto", "fa3", "cudnn", "flash", "sdpa")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # the head sizes the fa3-fwd wheel's kernels are built for
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Kernel:
 
     name: str = "auto"
     fp8: bool = False
+    fallback: str = "sdpa"  # for head sizes FA3 has no kernel for (tiny test models)
 
 
 # -- choosing --------------------------------------------------------------------------------
@@ -79,12 +81,10 @@ def _resolve(requested: str, fp8: bool, device: torch.device, dtype: torch.dtype
         log.warning("attention kernel '%s' does not run on %s in %s; using %s", requested, device.type,
                     str(dtype).removeprefix("torch."), order[0])
     start = order.index(requested) if requested in order else 0
-    name = "sdpa"
-    for cand in order[start:]:
-        why = None if cand == "sdpa" else _probe(cand, device)
-        if why is None:
-            name = cand
-            break
+    ok = [c for c in order[start:] if (c == "sdpa" or _probe(c, device) is None)]
+    name = ok[0]
+    for cand in order[start:order.index(name)]:
+        why = _probe(cand, device)
         if requested != "auto" or cand != "fa3" or fp8:
             log.warning("attention kernel %s unavailable (%s); using the next-best", cand, why)
         else:
@@ -93,7 +93,7 @@ def _resolve(requested: str, fp8: bool, device: torch.device, dtype: torch.dtype
         log.warning("FP8 attention needs the FA3 kernel (fa3-fwd wheel on Hopper); attention stays %s with %s",
                     str(dtype).removeprefix("torch."), name)
         fp8 = False
-    return Kernel(name, fp8)
+    return Kernel(name, fp8, ok[1] if len(ok) > 1 else "sdpa")
 
 
 def warmup(device: torch.device, dtype: torch.dtype, kernel: Kernel | None = None) -> Kernel:
@@ -103,7 +103,11 @@ def warmup(device: torch.device, dtype: torch.dtype, kernel: Kernel | None = Non
 
 
 def _concrete(kernel: Kernel, q: torch.Tensor) -> Kernel:
-    return kernel if kernel.name != "auto" else resolve("auto", kernel.fp8, q.device, q.dtype)
+    if kernel.name == "auto":
+        kernel = resolve("auto", kernel.fp8, q.device, q.dtype)
+    if kernel.name == "fa3" and q.shape[-1] not in FA3_HEAD_DIMS:
+        return Kernel(kernel.fallback)
+    return kernel
 
 
 # -- FP8 inputs ------------------------------------------------------------------------------
