@@ -144,8 +144,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     mode = quant.resolve_mode(args.quant, dev)
     if mode == "none":
         raise FluxDistError(f"--quant {args.quant} resolves to 'none' on {dev}: nothing to save")
-    c = load_model(args.model, dtype=parse_dtype(args.dtype), device=dev, seed=args.seed)
-    n = quant.quantize_transformer(c.transformer, mode)
+    c = load_model(args.model, dtype=parse_dtype(args.dtype), device=dev, seed=args.seed, quant=mode)
+    n = quant.quantize_transformer(c.transformer, mode)  # already quantized: only counts
     try:
         save_components_quantized(c, args.path, mode)
     except ValueError as e:

@@ -61,7 +61,10 @@ class Engine:
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
         self.dtype = parse_dtype(cfg.model.dtype)
         t0 = time.perf_counter()
-        self.c = load_model(cfg.model.model, dtype=self.dtype, device=self.dist.device, seed=cfg.model.seed)
+        # Resolved before the load: full-size presets are quantized block by block while they are built.
+        self.quant = quant.resolve_mode(cfg.model.quant, self.dist.device)
+        self.c = load_model(cfg.model.model, dtype=self.dtype, device=self.dist.device, seed=cfg.model.seed,
+                            quant=self.quant)
         self.true_cfg = self.c.family == "klein" and not self.c.is_distilled
         if self.mesh.dims.cfg > 1 and not self.true_cfg:
             raise FluxDistError(
@@ -71,8 +74,7 @@ class Engine:
         step_cache.validate(cfg.cache)
         step_cache.resolve_coefficients(cfg.cache, self.c.family)  # fail at start-up, not mid-request
         self.tr = self.c.transformer.eval()
-        self.quant = quant.resolve_mode(cfg.model.quant, self.dist.device)
-        n_quant = quant.quantize_transformer(self.tr, self.quant)
+        n_quant = quant.quantize_transformer(self.tr, self.quant)  # already quantized: only counts
         kernel = kernels.resolve(cfg.model.attention, cfg.model.attention_fp8, self.dist.device, self.dtype)
         self.ctx = AttnContext(self.mesh, kernel=kernel)
         flux2.parallelize(self.tr, self.ctx)

@@ -27,6 +27,7 @@ FP4_MAX = 6.0
 FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 BLOCK = 16
 MODES = ("none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "auto")
+RESOLVED_MODES = tuple(m for m in MODES if m != "auto")  # what resolve_mode returns: a layer's format
 
 # Block-level linears quantized in FLUX.2 (everything else stays high precision: embedders,
 # time/guidance embedding, modulation, norm_out, proj_out, the text stream's attention projections).
@@ -285,16 +286,36 @@ def load_quantized(folder: str, device: torch.device) -> tuple[nn.Module, str]:
     return tr.eval().requires_grad_(False), mode
 
 
+def quantize_block(block: nn.Module, mode: str) -> int:
+    """Swap one block's ``QUANTIZED`` linears for QuantLinear in place; returns how many were swapped.
+
+    Per block so that a model can be quantized while it is built, one block at a time in high
+    precision, never the whole model (FLUX.2 [dev] is 64 GB in bf16, about half that in FP8).
+    """
+    if mode not in RESOLVED_MODES:
+        raise FluxDistError(f"cannot quantize to '{mode}': pass a mode from resolve_mode ({', '.join(RESOLVED_MODES)})")
+    if mode == "none":
+        return 0
+    n = 0
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, nn.Linear) and name in QUANTIZED:
+            parent, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(parent), leaf, QuantLinear(mod, mode))
+            n += 1
+    return n
+
+
 def quantize_transformer(tr: nn.Module, mode: str) -> int:
-    """Swap the block linears for QuantLinear in place; returns how many were swapped."""
+    """Swap the block linears for QuantLinear in place; returns how many QuantLinear the blocks hold.
+
+    Linears that are already QuantLinear (a preset built quantized block by block, a model loaded
+    quantized) are left alone and counted, so calling it after such a load never quantizes twice.
+    """
     if mode == "none":
         return 0
     n = 0
     for blocks in (tr.transformer_blocks, tr.single_transformer_blocks):
         for block in blocks:
-            for name, mod in list(block.named_modules()):
-                if isinstance(mod, nn.Linear) and name in QUANTIZED:
-                    parent, _, leaf = name.rpartition(".")
-                    setattr(block.get_submodule(parent), leaf, QuantLinear(mod, mode))
-                    n += 1
+            quantize_block(block, mode)
+            n += sum(isinstance(m, QuantLinear) for m in block.modules())
     return n

@@ -27,8 +27,10 @@ from diffusers import (
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
+from ..quant import quantize_block, quantize_transformer
 from .tokenizers import MODEL_MAX_LENGTH, build_mistral_processor, build_qwen_tokenizer
 
 PRESETS: tuple[str, ...] = ("flux2-tiny", "flux2-klein-tiny", "flux2-dev", "flux2-klein-4b")
@@ -307,22 +309,81 @@ FULL_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _build_full(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> Components:
-    """Build straight on ``device`` in ``dtype`` (no 64 GB CPU copy), then re-draw the matrices.
+# The only parameters of a full-size transformer that are not matrices: RMSNorm gains (ones).
+_NORMS: tuple[type[torch.nn.Module], ...] = (DiffusersRMSNorm, torch.nn.RMSNorm)
 
-    ``normal_(0, 0.02)`` with a seeded generator on the target device keeps activations finite in
-    bf16 and makes every rank's weights identical; ``device="meta"`` only allocates shapes.
+
+def _build_units(tr: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
+    """``(name, module, is_block)`` for each top-level child in registration order, the block lists
+    split into their blocks: the pieces the low-memory build materializes one at a time.
+
+    Checked on the meta shell: their parameters, concatenated, are ``tr.parameters()`` in order (the
+    seeded re-draw depends on it), and there are no buffers (``to_empty`` would leave them garbage).
     """
-    torch.manual_seed(_seed(seed, _TRANSFORMER_SEED))
+    units: list[tuple[str, torch.nn.Module, bool]] = []
+    for name, child in tr.named_children():
+        if name in ("transformer_blocks", "single_transformer_blocks"):
+            units += [(f"{name}.{i}", block, True) for i, block in enumerate(child)]
+        else:
+            units.append((name, child, False))
+    in_units = [f"{u}.{n}" for u, m, _ in units for n, _ in m.named_parameters()]
+    if in_units != [n for n, _ in tr.named_parameters()]:
+        raise RuntimeError(f"{type(tr).__name__}: its top-level children's parameters are not, in order, the "
+                           "model's parameters(); the block-by-block build would draw different weights")
+    buffers = [n for n, _ in tr.named_buffers()]
+    if buffers:
+        raise RuntimeError(f"{type(tr).__name__} has buffers {buffers[:4]}: the block-by-block build does not "
+                           "know their values (to_empty leaves them uninitialised); give presets a rule for them")
+    return units
+
+
+def _fill_(unit: torch.nn.Module, unit_name: str, g: torch.Generator) -> None:
+    """Set a unit ``to_empty`` left uninitialised: matrices ``N(0, 0.02)`` from ``g``, RMSNorm gains 1.
+
+    Any other parameter is refused rather than left holding whatever memory it got.
+    """
+    with torch.no_grad():
+        for name, p in unit.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.02, generator=g)
+                continue
+            owner_name, _, leaf = name.rpartition(".")
+            owner = unit.get_submodule(owner_name)
+            if not (isinstance(owner, _NORMS) and leaf == "weight"):
+                raise RuntimeError(f"full-size preset build: no rule for {unit_name}.{name} "
+                                   f"({type(owner).__name__}.{leaf}, shape {tuple(p.shape)}); only matrices and "
+                                   "RMSNorm weights are initialised, anything else would keep garbage from to_empty")
+            p.fill_(1.0)
+
+
+def _full_transformer(name: str, dtype: torch.dtype, device: torch.device, seed: int,
+                      quant: str) -> Flux2Transformer2DModel:
+    """Build on ``meta``, then materialize each top-level child / block on ``device`` and quantize
+    each block right after, so at most one block exists in ``dtype`` before quantization.
+
+    The matrices are drawn ``normal_(0, 0.02)`` in ``parameters()`` order with one seeded generator
+    on ``device``: bit-identical to building the whole model on ``device`` and re-drawing, on every
+    rank, and the same tensors as quantizing after such a build. ``device="meta"`` stays shapes only.
+    """
+    with _default_dtype(dtype), torch.device("meta"):
+        tr = Flux2Transformer2DModel(**FULL_TRANSFORMER_CONFIGS[name])
+    g = None if device.type == "meta" else torch.Generator(device).manual_seed(_seed(seed, _TRANSFORMER_SEED))
+    for unit_name, unit, is_block in _build_units(tr):
+        if g is not None:
+            unit.to_empty(device=device)
+            _fill_(unit, unit_name, g)
+        if is_block:
+            quantize_block(unit, quant)
+    return tr
+
+
+def _build_full(name: str, dtype: torch.dtype, device: torch.device, seed: int, quant: str) -> Components:
+    """The transformer block by block (``_full_transformer``: no 64 GB bf16 copy anywhere), the VAE
+    straight on ``device`` from its own seed; ``normal_(0, 0.02)`` keeps bf16 activations finite."""
+    transformer = _full_transformer(name, dtype, device, seed, quant)
+    torch.manual_seed(_seed(seed, _VAE_SEED))
     with _default_dtype(dtype), device:
-        transformer = Flux2Transformer2DModel(**FULL_TRANSFORMER_CONFIGS[name])
         vae = AutoencoderKLFlux2()
-    if device.type != "meta":
-        g = torch.Generator(device).manual_seed(_seed(seed, _TRANSFORMER_SEED))
-        with torch.no_grad():
-            for p in transformer.parameters():
-                if p.ndim == 2:
-                    p.normal_(0.0, 0.02, generator=g)
     _set_bn_stats(vae, seed)
     dev = name == "flux2-dev"
     return Components(
@@ -363,9 +424,19 @@ def _cast_like_from_pretrained_(module: torch.nn.Module, device: torch.device, d
 
 
 def build_preset(
-    name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    quant: str = "none",
 ) -> Components:
-    """Build a preset with seeded random weights, identical on every process for one seed."""
+    """Build a preset with seeded random weights, identical on every process for one seed.
+
+    ``quant`` (a mode from ``quant.resolve_mode``): the transformer comes back quantized. Full-size
+    presets quantize each block as it is built, so FLUX.2 [dev] in FP8 never exists in bf16 whole;
+    the tiny ones are quantized after the build. Either way the same tensors as quantizing after.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     device = torch.device(device)
@@ -373,11 +444,12 @@ def build_preset(
         device = torch.device("cuda", torch.cuda.current_device())
     with _isolated_rng(device):
         if name in FULL_TRANSFORMER_CONFIGS:
-            c = _build_full(name, dtype, device, seed)
+            c = _build_full(name, dtype, device, seed, quant)
         else:
             c = _build_tiny(name, seed)
             for m in (c.transformer, c.vae, c.text_encoder):
                 _cast_like_from_pretrained_(m, device, dtype)
+            quantize_transformer(c.transformer, quant)
     for m in (c.transformer, c.vae, c.text_encoder):
         if m is not None:
             m.eval().requires_grad_(False)

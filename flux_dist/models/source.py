@@ -7,18 +7,28 @@ from pathlib import Path
 import torch
 
 from ..errors import FluxDistError
+from ..quant import quantize_transformer
 from .presets import PRESETS, Components, build_preset
 
 
-def load_model(model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Components:
-    """A preset by name, else a local directory; anything else is a clear error (never a hub lookup)."""
+def load_model(
+    model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0, quant: str = "none"
+) -> Components:
+    """A preset by name, else a local directory; anything else is a clear error (never a hub lookup).
+
+    The transformer comes back quantized in ``quant`` (a mode from ``quant.resolve_mode``): full-size
+    presets block by block as they are built (FLUX.2 [dev] in FP8 fits one 80 GB GPU), tiny presets
+    and directories after loading (a directory saved quantized keeps its QuantLinear layers).
+    """
     if model in PRESETS:
-        return build_preset(model, dtype=dtype, device=device, seed=seed)
+        return build_preset(model, dtype=dtype, device=device, seed=seed, quant=quant)
     if Path(model).exists() or "/" in model or model.startswith("."):
         from .loading import load_pretrained
 
         try:
-            return load_pretrained(model, dtype=dtype, device=device)
+            c = load_pretrained(model, dtype=dtype, device=device)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise FluxDistError(f"cannot load model directory '{model}': {e}") from e
+        quantize_transformer(c.transformer, quant)
+        return c
     raise FluxDistError(f"unknown model '{model}': not a preset ({', '.join(PRESETS)}) and no such directory")
