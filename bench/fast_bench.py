@@ -73,6 +73,7 @@ def variants(tr, ctx: AttnContext, dev, rows: dict, tag: str) -> None:
     torch.cuda.synchronize()
     rows[f"ours-{tag}-fp8-quantize-s"] = time.perf_counter() - t0
     rows[f"ours-{tag}-fp8-linears"] = n
+    flux2.parallelize(tr, ctx)  # as the engine does after quantizing: to_out's column split (see split_out)
     recompile(tr)
     stage(rows, f"ours-{tag}-compile-fp8", fn, ref)
     ctx.kernel = kernels.resolve("fa3", False, dev, torch.bfloat16)

@@ -34,6 +34,7 @@ RESOLVED_MODES = tuple(m for m in MODES if m != "auto")  # what resolve_mode ret
 QUANTIZED = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.linear_in", "ff.linear_out",
              "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out",
              "attn.fd_split.qkv", "attn.fd_split.mlp",  # the Ulysses split of to_qkv_mlp_proj
+             "attn.fd_out.attn", "attn.fd_out.mlp",  # to_out's column blocks
              "attn.fd_qkv.img")  # fused image-stream q/k/v (the text stream's stays high precision)
 
 

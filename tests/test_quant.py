@@ -117,8 +117,8 @@ def test_quantize_after_the_ulysses_split_counts_the_same():
     c = build_preset("flux2-tiny")
     for b in c.transformer.single_transformer_blocks:
         split_for_overlap(b.attn)
-    n = quantize_transformer(c.transformer, "fp8-emulate")
-    assert n == 8 * len(c.transformer.transformer_blocks) + 3 * len(c.transformer.single_transformer_blocks)
+    n = quantize_transformer(c.transformer, "fp8-emulate")  # qkv, mlp-in, and to_out's two column blocks
+    assert n == 8 * len(c.transformer.transformer_blocks) + 4 * len(c.transformer.single_transformer_blocks)
 
 
 def test_modes_resolve_per_device():
@@ -172,8 +172,9 @@ def test_quantize_once_save_and_load(tmp_path):
     assert (d / "transformer" / "flux_dist_quant.json").is_file()
     loaded = Engine(dataclasses.replace(_cfg(quant="none"), model=dataclasses.replace(
         _cfg().model, model=str(d), quant="none")))
-    assert sum(isinstance(m, QuantLinear) for m in loaded.tr.modules()) == 12
-    fresh = Engine(_cfg())  # flux2-tiny quantized in memory
+    fresh = Engine(_cfg())
+    n_quant = sum(isinstance(m, QuantLinear) for m in fresh.tr.modules())
+    assert n_quant > 0 and sum(isinstance(m, QuantLinear) for m in loaded.tr.modules()) == n_quant
     a = loaded.generate(loaded.cfg.request, decode=False).latents
     b = fresh.generate(fresh.cfg.request, decode=False).latents
     assert torch.equal(a, b)

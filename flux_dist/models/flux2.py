@@ -21,8 +21,8 @@ from diffusers.models.transformers.transformer_flux2 import (
     _get_qkv_projections,
 )
 
-from ..parallel.attention import AttnContext, check_heads, sp_attention, sp_finish, sp_send
-from ..quant import concat_linears, slice_linear
+from ..parallel.attention import AttnContext, check_heads, sp_attend, sp_attention, sp_send, sp_wait
+from ..quant import QuantLinear, concat_linears, slice_linear
 
 
 class DoubleStreamAttnProcessor:
@@ -85,8 +85,10 @@ class SingleStreamAttnProcessor:
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
             pending = sp_send(q, k, v, self.ctx)
             mlp = attn.mlp_act_fn(split["mlp"](hidden_states))  # the larger GEMM, while q/k/v travel
-            out = sp_finish(pending, self.ctx).flatten(2, 3).to(q.dtype)
-            return attn.to_out(torch.cat([out, mlp], dim=-1))
+            sent = sp_attend(pending, self.ctx)
+            y = attn.fd_out["mlp"](mlp)  # the MLP's columns of to_out, while the attention output travels
+            out = sp_wait(sent, self.ctx).flatten(2, 3).to(q.dtype)
+            return attn.fd_out["attn"](out) + y
         h = attn.to_qkv_mlp_proj(hidden_states)
         qkv, mlp = torch.split(h, [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
@@ -94,6 +96,8 @@ class SingleStreamAttnProcessor:
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         out = sp_attention(q, k, v, self.ctx).flatten(2, 3).to(q.dtype)
+        if getattr(attn, "fd_out", None) is not None:
+            return attn.fd_out["attn"](out) + attn.fd_out["mlp"](attn.mlp_act_fn(mlp))
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
@@ -107,6 +111,8 @@ def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
         block.attn.set_processor(SingleStreamAttnProcessor(ctx))
         if ctx.mesh.dims.ulysses > 1:
             split_for_overlap(block.attn)
+        elif isinstance(block.attn.to_out, QuantLinear):
+            split_out(block.attn)  # the same per-token activation scales as under Ulysses: same numbers
 
 
 def fuse_qkv(attn: Flux2Attention) -> None:
@@ -123,8 +129,27 @@ def fuse_qkv(attn: Flux2Attention) -> None:
         setattr(attn, name, None)
 
 
+def split_out(attn: Flux2ParallelSelfAttention) -> None:
+    """Split ``to_out`` into its attention and MLP column blocks: ``to_out(cat[a, m]) = A a + M m``.
+
+    Under Ulysses the MLP half runs while the attention output is in the all-to-all. A quantized model
+    takes the split in every layout, so each half's input is quantized per token the same way everywhere.
+    """
+    if getattr(attn, "fd_out", None) is not None:
+        return
+    out, n = attn.to_out, attn.inner_dim
+    a = slice_linear(out, cols=slice(0, n))
+    if out.bias is not None:  # column blocks drop the bias: it is added once, with the attention half
+        a.bias = torch.nn.Parameter(out.bias.detach(), requires_grad=False)
+    attn.fd_out = torch.nn.ModuleDict({"attn": a, "mlp": slice_linear(out, cols=slice(n, None))})
+    del attn.to_out
+    attn.to_out = None
+
+
 def split_for_overlap(attn: Flux2ParallelSelfAttention) -> None:
-    """Split the fused QKV + MLP-in projection into its two row blocks (the fused one is dropped)."""
+    """Split the fused QKV + MLP-in projection into its two row blocks (the fused one is dropped), and
+    ``to_out`` into column blocks, so both all-to-alls of the block have a GEMM to hide behind."""
+    split_out(attn)
     if getattr(attn, "fd_split", None) is not None:
         return
     qkv, fused = 3 * attn.inner_dim, attn.to_qkv_mlp_proj

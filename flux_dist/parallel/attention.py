@@ -81,12 +81,16 @@ def ulysses_recv(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return y[0], y[1], y[2]
 
 
-def ulysses_gather_heads(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, H/u, u*S, D]`` -> ``[B, S, H, D]``: the inverse all-to-all."""
+def ulysses_gather_send(out: torch.Tensor, u: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Start the inverse all-to-all of ``[B, H/u, u*S, D]`` (no copy when its memory is ``[B, u*S, H/u, D]``)."""
     b, hu, us, d = out.shape
-    s = us // u
-    y = _a2a(out.reshape(b, hu, u, s, d).permute(2, 0, 3, 1, 4), group)  # [u(src head group), B, S, H/u, D]
-    return y.permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d)
+    return all_to_all(out.reshape(b, hu, u, us // u, d).permute(2, 0, 3, 1, 4), group)  # [u, B, S, H/u, D]
+
+
+def ulysses_gather_recv(y: torch.Tensor) -> torch.Tensor:
+    """Wait for the inverse all-to-all: ``[B, S, H, D]`` with the head groups in source-rank order."""
+    u, b, s, hu, d = y.shape
+    return wait(y).permute(1, 2, 0, 3, 4).reshape(b, s, u * hu, d)
 
 
 def _ring_shift(kv: torch.Tensor, ring: int, rank: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -143,6 +147,16 @@ def sp_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext)
 
 def sp_finish(pending, ctx: AttnContext) -> torch.Tensor:
     """Second half: attention over every real key, back to this rank's ``[B, S_loc, H, D]``."""
+    return sp_wait(sp_attend(pending, ctx), ctx)
+
+
+def sp_wait(sent, ctx: AttnContext) -> torch.Tensor:
+    """Wait for ``sp_attend``'s output all-to-all (compute issued in between overlaps it)."""
+    return ulysses_gather_recv(sent) if ctx.mesh.dims.ulysses > 1 else sent
+
+
+def sp_attend(pending, ctx: AttnContext):
+    """Attention over every real key; under Ulysses the output all-to-all is started, not waited."""
     dims = ctx.mesh.dims
     u = dims.ulysses
     q, k, v = ulysses_recv(pending) if u > 1 else pending
@@ -152,7 +166,7 @@ def sp_finish(pending, ctx: AttnContext) -> torch.Tensor:
         idx = ctx.key_index(0)
         out = kernels.attention(q, _select(k, idx), _select(v, idx), ctx.kernel)
     if u > 1:
-        return ulysses_gather_heads(out, u, ctx.mesh.groups["ulysses"])
+        return ulysses_gather_send(out, u, ctx.mesh.groups["ulysses"])
     return out.transpose(1, 2)
 
 
