@@ -81,8 +81,8 @@ class SharedDecision:
         # Signals are taken from cfg rank 0's group (global ranks 0 .. sp-1, cfg is the outer axis).
         self.sources = list(range(mesh.dims.sp))
 
-    def ratio(self, num: torch.Tensor, den: torch.Tensor) -> float:
-        local = torch.stack([num, den]).to(torch.float64)
+    def ratio(self, local: torch.Tensor) -> float:
+        """``local``: this rank's ``[numerator, denominator]`` (float64); the result is the same on every rank."""
         if self.mesh.world_size == 1:
             table = local[None]
         else:
@@ -98,12 +98,13 @@ class StepCache:
 
     def __init__(self, cfg: CacheConfig, mesh: Mesh, plan: ShardPlan, steps: int,
                  coefficients: list[float] | None, shared: SharedDecision | None = None,
-                 stack_fn: Callable = flux2.image_stack) -> None:
+                 stack_fn: Callable = flux2.image_stack, fns: flux2.StepFns = flux2.EAGER) -> None:
         self.cfg, self.plan, self.steps = cfg, plan, steps
         self.stack_fn = stack_fn  # the full block stack: eager, compiled, or a CUDA graph replay
+        self.fns = fns  # the signal and its sums: compiled regions under --compile
         self.poly = np.poly1d(coefficients) if coefficients else None
         self.shared = shared or SharedDecision(mesh)
-        self.valid = plan.valid(mesh.sp_rank)[plan.txt_loc:]  # real image tokens of this shard
+        self.n_valid = int(plan.valid(mesh.sp_rank)[plan.txt_loc:].sum())  # real image tokens: a prefix
         self.prev: torch.Tensor | None = None
         self.residual: dict[int, torch.Tensor] = {}
         self.acc = 0.0
@@ -116,18 +117,16 @@ class StepCache:
     def begin_step(self, i: int) -> None:
         self.step, self.skip = i, None
 
-    def _sums(self, cur: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of |cur - prev| and |prev| over this shard's real image tokens (float32)."""
-        m = self.valid.to(cur.device)
-        diff = (cur - prev).abs().float()[:, m].sum()
-        return diff, prev.abs().float()[:, m].sum()
+    def _sums(self, cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """``[sum |cur - prev|, sum |prev|]`` over this shard's real image tokens (float64)."""
+        return self.fns.change(cur, prev, self.n_valid)
 
     def _decide(self, cur: torch.Tensor) -> bool:
         forced = self.prev is None or self.step < self.cfg.warmup_steps or \
             self.step >= self.steps - self.cfg.cutoff_steps
         rel = float("nan")
         if self.prev is not None:  # every rank has a prev, or none has: same collective count everywhere
-            rel = self.shared.ratio(*self._sums(cur, self.prev))
+            rel = self.shared.ratio(self._sums(cur, self.prev))
         if forced:
             skip = False
             self.acc = 0.0
@@ -150,8 +149,8 @@ class StepCache:
         """Calibration: compute every step; pair the signal's change with the block stack output's change."""
         first = self.skip is None
         if first:
-            sig = flux2.first_block_signal(tr, img, mods[1])
-            self.x = self.shared.ratio(*self._sums(sig, self.prev)) if self.prev is not None else None
+            sig = self.fns.signal(tr, img, mods[1])
+            self.x = self.shared.ratio(self._sums(sig, self.prev)) if self.prev is not None else None
             self.prev, self.skip = sig, False
             self.log.append({"step": self.step, "rel": self.x if self.x is not None else float("nan"),
                              "acc": 0.0, "skip": False})
@@ -159,23 +158,23 @@ class StepCache:
         if first:
             prev_out = self.residual.get(-1)
             if prev_out is not None and self.x is not None:
-                y = self.shared.ratio(*self._sums(out, prev_out))
+                y = self.shared.ratio(self._sums(out, prev_out))
                 self.pairs.append((self.x, y))
             self.residual[-1] = out
         return out
 
-    def _teacache(self, tr, img, txt, mods, rope, branch: int = 0) -> torch.Tensor:
+    def _teacache(self, tr, img, txt, mods, rope, branch: int = 0) -> torch.Tensor | flux2.Reuse:
         if self.skip is None:  # first branch of the step: the signal does not depend on the prompt
-            sig = flux2.first_block_signal(tr, img, mods[1])
+            sig = self.fns.signal(tr, img, mods[1])
             self.skip = self._decide(sig)
             self.prev = sig
-        if self.skip:
-            return img + self.residual[branch]
+        if self.skip:  # the head's region adds the residual
+            return flux2.Reuse(img, self.residual[branch])
         out = self.stack_fn(tr, img, txt, mods, rope)
         self.residual[branch] = out - img
         return out
 
-    def _fbcache(self, tr, img, txt, mods, rope, branch: int = 0) -> torch.Tensor:
+    def _fbcache(self, tr, img, txt, mods, rope, branch: int = 0) -> torch.Tensor | flux2.Reuse:
         txt1, img1 = flux2.run_blocks(tr, img, txt, mods, rope, only_first=True)
         if self.skip is None:  # the cond branch's first-block residual decides for both branches
             r1 = img1 - img
@@ -183,7 +182,7 @@ class StepCache:
             if not self.skip:  # compare with the last computed step, so small changes cannot creep
                 self.prev = r1
         if self.skip:
-            return img1 + self.residual[branch]
+            return flux2.Reuse(img1, self.residual[branch])
         out = flux2.run_blocks(tr, img1, txt1, mods, rope, skip_first=True)[:, txt.shape[1]:]
         self.residual[branch] = out - img1
         return out
@@ -195,10 +194,10 @@ class StepCache:
 
 
 def make_cache(cfg: CacheConfig, mesh: Mesh, plan: ShardPlan, steps: int, family: str,
-               stack_fn: Callable = flux2.image_stack) -> StepCache | None:
+               stack_fn: Callable = flux2.image_stack, fns: flux2.StepFns = flux2.EAGER) -> StepCache | None:
     if cfg.mode == "none":
         return None
-    return StepCache(cfg, mesh, plan, steps, resolve_coefficients(cfg, family), stack_fn=stack_fn)
+    return StepCache(cfg, mesh, plan, steps, resolve_coefficients(cfg, family), stack_fn=stack_fn, fns=fns)
 
 
 def write_calibration(path: str, coefficients: list[float], pairs: list[tuple[float, float]], model: str) -> None:

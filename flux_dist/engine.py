@@ -81,6 +81,8 @@ class Engine:
         if cfg.model.compile:
             compile_mod.enable_cache(cfg.model.compile_cache_dir)
             compile_mod.compile_blocks(self.tr, cfg.model.compile_backend)
+        # the work outside the blocks (all a skipped cache step runs): a few compiled regions too
+        self.fns = compile_mod.compile_step(cfg.model.compile_backend) if cfg.model.compile else flux2.EAGER
         self.stack = flux2.image_stack
         if cfg.model.cuda_graphs:
             if self.dist.device.type != "cuda":
@@ -146,7 +148,7 @@ class Engine:
     @torch.inference_mode()
     def generate(self, req: RequestConfig, decode: bool = True) -> Result:
         self.validate(req)
-        mesh, dev, sync = self.mesh, self.dist.device, self._sync
+        mesh, dev, sync, fns = self.mesh, self.dist.device, self._sync, self.fns
         do_cfg = self.true_cfg and req.guidance > 1.0
         t_start = time.perf_counter()
 
@@ -162,6 +164,10 @@ class Engine:
         # 2. noise, schedule and this rank's shards.
         latents, img_ids = self.noise(req, enc[0][0].dtype)
         timesteps, sigmas = sampling.schedule(self.c.scheduler, req.steps, latents.shape[1], dev)
+        # Per-step scalars as tensors of their own, made before the loop: no value is baked into a compiled
+        # region, and no input sits at an offset (which a compiled region would first copy to align).
+        ts = [t.expand(1).to(latents.dtype) / 1000 for t in timesteps]
+        sig = [s.clone() for s in sigmas]
         plan = self.plan(enc[0][0].shape[1], latents.shape[1])
         self.ctx.set_plan(plan, dev)
         s = mesh.sp_rank
@@ -174,23 +180,22 @@ class Engine:
                     for e, i in enc]
 
         # 3. denoise.
-        cache = step_cache.make_cache(self.cfg.cache, mesh, plan, req.steps, self.c.family, self.stack)
+        cache = step_cache.make_cache(self.cfg.cache, mesh, plan, req.steps, self.c.family, self.stack, fns)
         stacks = [cache.stack(b) if cache else self.stack for b in range(len(branches))]
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(ts):
             faults.maybe_inject(self.dist.rank, i)  # testing hook: no-op unless FLUX_DIST_FAULT is set
             t0 = time.perf_counter()
-            ts = t.expand(1).to(x.dtype) / 1000
             xin = x.to(self.tr.dtype)
             if cache:
                 cache.begin_step(i)
-            v = flux2.forward(self.tr, xin, ts, branches[0], stacks[0])
+            v = flux2.forward(self.tr, xin, t, branches[0], stacks[0], fns)
             if do_cfg and mesh.dims.cfg > 1:
                 v = cfg_parallel_combine(v, mesh, req.guidance)
             elif do_cfg:
-                v = guided(v, flux2.forward(self.tr, xin, ts, branches[1], stacks[1]), req.guidance)
-            x = sampling.euler_step(x, v, sigmas[i], sigmas[i + 1])
+                v = guided(v, flux2.forward(self.tr, xin, t, branches[1], stacks[1], fns), req.guidance)
+            x = fns.update(x, v, sig[i], sig[i + 1])
             sync()
             step_ms.append((time.perf_counter() - t0) * 1e3)
             bar.update()

@@ -1,9 +1,10 @@
 """CUDA graphs for the block stack: captured once per shape (collectives included), replayed per step.
 
 Only the block stack is captured — 56 blocks, thousands of kernels — while the embedders, the head,
-the step cache's decision and the CFG combine stay eager around it: a skipped step replays nothing,
-and the decision is never inside a graph. Inputs are copied into static buffers before each replay;
-the returned tensor is the graph's static output, valid until the next replay.
+the step cache's decision and the CFG combine stay outside it (eager, or compiled step regions under
+``--compile``): a skipped step replays nothing, and the decision is never inside a graph. Inputs are
+copied into static buffers before each replay; the returned tensor is the graph's static output,
+valid until the next replay.
 """
 
 from __future__ import annotations

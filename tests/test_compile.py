@@ -1,12 +1,16 @@
-"""Regional compile: fullgraph blocks (collectives inside) give the eager result and never recompile."""
+"""Regional compile: fullgraph blocks (collectives inside) and the step regions outside them give the eager
+result and never recompile."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
+from flux_dist.cache import FLUX2_DEV_TEACACHE
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
 
@@ -50,15 +54,53 @@ def test_compiled_collectives_under_ulysses_and_ring():
             assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-def test_step_cache_causes_no_recompiles():
-    """TeaCache decides outside the compiled blocks: skipping steps must not retrace anything."""
+# Thresholds that skip 3 of 6 steps of the tiny 64x64 request (two of them in a row), far from the edge.
+TEACACHE = {"mode": "teacache", "threshold": 4.0, "coefficients": list(FLUX2_DEV_TEACACHE)}
+FBCACHE = {"mode": "fbcache", "threshold": 0.9}
+REGIONS = {"teacache": 6, "fbcache": 5}  # fbcache takes no TeaCache signal
+
+
+def _cached(compile_: bool, cache: dict, u: int = 1, **req):
+    cfg = _cfg(u, compile_=compile_, steps=6, **req)
+    cfg.cache = dataclasses.replace(cfg.cache, **cache)
+    return cfg
+
+
+def _decisions(res) -> list[tuple[int, bool, str]]:
+    """Per step: skipped?, and the shared ratio to the bit (``float.hex``; step 0 has none: nan)."""
+    return [(d["step"], d["skip"], d["rel"].hex()) for d in res.metrics["cache"]["decisions"]]
+
+
+@pytest.mark.parametrize("cache", [TEACACHE, FBCACHE], ids=["teacache", "fbcache"])
+def test_cached_steps_compiled_equal_eager_and_never_recompile(cache):
+    """Skipped steps run only the compiled step regions: eager's decisions and latents, and one graph per
+    region and block type serves every step of two requests (timesteps, sigmas, residuals are tensors)."""
+    reqs = [{}, {"seed": 9, "prompt": "a cat"}]
+    eager = Engine(_cached(False, cache))
+    want = [eager.generate(dataclasses.replace(eager.cfg.request, **r), decode=False) for r in reqs]
     torch._dynamo.reset()
-    cfg = _cfg(steps=6)
-    cfg.cache = dataclasses.replace(cfg.cache, mode="teacache", threshold=2.0,
-                                    coefficients=[1.04582360e02, -6.87605554e00, -8.61659379e-02, 5.37600252e-02])
-    eng = Engine(cfg)
-    first = eng.generate(cfg.request, decode=False)
-    assert first.metrics["cache_skipped_steps"] > 0
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        second = eng.generate(dataclasses.replace(cfg.request, seed=9), decode=False)
-    assert second.metrics["cache_skipped_steps"] > 0
+    counters.clear()
+    eng = Engine(_cached(True, cache))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # not within a request, nor across
+        got = [eng.generate(dataclasses.replace(eng.cfg.request, **r), decode=False) for r in reqs]
+    assert counters["stats"]["unique_graphs"] == REGIONS[cache["mode"]] + 2  # + double and single block
+    for g, w in zip(got, want, strict=True):
+        assert w.metrics["cache_skipped_steps"] >= 2
+        assert g.metrics["cache"]["skipped_steps"] == w.metrics["cache"]["skipped_steps"]
+        assert ((g.latents - w.latents).norm() / w.latents.norm()).item() < 1e-5
+
+
+def _cached_sp(rank, world, cache):
+    eng = Engine(_cached(True, cache, u=world, height=80, width=48))
+    res = eng.generate(eng.cfg.request, decode=False)
+    return res.latents, _decisions(res)
+
+
+def test_compiled_cache_decision_is_shared_under_ulysses():
+    """Padded shards (15 image tokens on 2 ranks): compiled sums, one decision, bit-identical on both ranks."""
+    eager = Engine(_cached(False, TEACACHE, height=80, width=48))
+    want = eager.generate(eager.cfg.request, decode=False)
+    (lat0, dec0), (lat1, dec1) = run_distributed(_cached_sp, 2, TEACACHE, timeout=600)
+    assert dec0 == dec1  # the same ratios, to the bit, and so the same skips
+    assert [s for _, s, _ in dec0] == [s for _, s, _ in _decisions(want)] and any(s for _, s, _ in dec0)
+    assert ((lat0 - want.latents).norm() / want.latents.norm()).item() < 1e-5

@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 
 from ..parallel.attention import AttnContext, check_heads, sp_attend, sp_attention, sp_send, sp_wait
 from ..quant import QuantLinear, concat_linears, slice_linear
+from ..sampling import euler_step
 
 
 class DoubleStreamAttnProcessor:
@@ -190,10 +191,27 @@ def modulations(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Te
             tr.single_stream_modulation(temb))
 
 
+def embed(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor,
+          guidance: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The block stack's per-step inputs: image tokens at model width, and the modulations."""
+    return tr.x_embedder(x), modulations(tr, x, timestep, guidance)
+
+
 def first_block_signal(tr: Flux2Transformer2DModel, img: torch.Tensor, mod_img: torch.Tensor) -> torch.Tensor:
     """TeaCache's signal: the first double block's modulated image input."""
     (shift, scale, _), _ = Flux2Modulation.split(mod_img, 2)
     return (1 + scale) * tr.transformer_blocks[0].norm1(img) + shift
+
+
+def signal_change(cur: torch.Tensor, prev: torch.Tensor, n: int) -> torch.Tensor:
+    """``[sum |cur - prev|, sum |prev|]`` (float32 sums, as float64) over the first ``n`` tokens.
+
+    A shard's real image tokens are a prefix of it (padding sits at the end of the last shard), so a
+    slice selects them: no boolean indexing, hence no host sync and a static shape to compile.
+    """
+    cur, prev = cur[:, :n], prev[:, :n]
+    diff = (cur - prev).abs().float().sum()
+    return torch.stack([diff, prev.abs().float().sum()]).to(torch.float64)
 
 
 def run_blocks(tr: Flux2Transformer2DModel, img: torch.Tensor, txt: torch.Tensor, mods: tuple[torch.Tensor, ...],
@@ -222,13 +240,53 @@ def image_stack(tr: Flux2Transformer2DModel, img: torch.Tensor, txt: torch.Tenso
     return run_blocks(tr, img, txt, mods, rope)[:, txt.shape[1]:]
 
 
-def forward(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor, inp: StepInputs,
-            stack: Callable = image_stack) -> torch.Tensor:
-    """One transformer pass over local shards; returns the local image velocity ``[B, I_loc, C]``."""
-    mods = modulations(tr, x, timestep, inp.guidance)
-    img = stack(tr, tr.x_embedder(x), inp.txt, mods, inp.rope)
-    return head(tr, img, mods[0])
+@dataclass
+class Reuse:
+    """A skipped block stack (from a step cache): the head's region adds ``residual`` to ``img``."""
+
+    img: torch.Tensor
+    residual: torch.Tensor
 
 
 def head(tr: Flux2Transformer2DModel, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     return tr.proj_out(tr.norm_out(img, temb))
+
+
+def reuse_head(tr: Flux2Transformer2DModel, img: torch.Tensor, residual: torch.Tensor,
+               temb: torch.Tensor) -> torch.Tensor:
+    """The head of a skipped step: the cached stack residual added first (one region with the head)."""
+    return head(tr, img + residual, temb)
+
+
+@dataclass(frozen=True)
+class StepFns:
+    """The step's work outside the block stack, as a few regions: all that a skipped cache step runs.
+
+    Eager here; ``compile.compile_step`` compiles each region whole so a skipped step launches a few
+    fused kernels instead of dozens of small ones. The cache's decision (a host bool from an
+    all-gather) and the CFG combine stay outside every region.
+    """
+
+    embed: Callable = embed  # time/guidance embedding, modulations, x_embedder
+    signal: Callable = first_block_signal  # TeaCache's signal
+    change: Callable = signal_change  # this shard's sums for the shared cache decision
+    head: Callable = head
+    reuse_head: Callable = reuse_head  # residual add + head, on a skipped step
+    update: Callable = euler_step  # the scheduler step
+
+
+EAGER = StepFns()
+
+
+def forward(tr: Flux2Transformer2DModel, x: torch.Tensor, timestep: torch.Tensor, inp: StepInputs,
+            stack: Callable = image_stack, fns: StepFns = EAGER) -> torch.Tensor:
+    """One transformer pass over local shards; returns the local image velocity ``[B, I_loc, C]``.
+
+    ``fns`` holds the work outside the stack (compiled under ``--compile``); ``stack`` may return a
+    ``Reuse`` instead of tokens when a cache skips the blocks.
+    """
+    img, mods = fns.embed(tr, x, timestep, inp.guidance)
+    out = stack(tr, img, inp.txt, mods, inp.rope)
+    if isinstance(out, Reuse):
+        return fns.reuse_head(tr, out.img, out.residual, mods[0])
+    return fns.head(tr, out, mods[0])
