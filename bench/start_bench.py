@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.cache_bench import denoise, pick_threshold
+from bench.cache_bench import DEVICE, DTYPE, MODEL, SIZE, denoise, pick_threshold, sync
 from bench.common import log, write_json
 from flux_dist import distributed
 from flux_dist.cache import FLUX2_DEV_TEACACHE
@@ -30,22 +30,23 @@ def main(out: str, cache_dir: str, fp8_attention: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cold = not os.path.isdir(cache_dir) or not os.listdir(cache_dir)
     t0 = time.perf_counter()
-    info = distributed.init("cuda")
-    cfg = load_config(None, {"model.model": "flux2-dev", "model.dtype": "bfloat16", "model.device": "cuda",
-                             "model.quant": "fp8", "model.compile": True, "model.compile_cache_dir": cache_dir,
-                             "model.cuda_graphs": True, "model.attention": "fa3",
+    info = distributed.init(DEVICE)
+    cuda = DEVICE == "cuda"  # a CPU smoke run: BENCH_MODEL=flux2-tiny BENCH_DEVICE=cpu BENCH_SIZE=128
+    cfg = load_config(None, {"model.model": MODEL, "model.dtype": DTYPE, "model.device": DEVICE,
+                             "model.quant": "fp8" if cuda else "fp8-emulate", "model.compile": True,
+                             "model.compile_cache_dir": cache_dir, "model.cuda_graphs": cuda, "model.attention": "fa3",
                              "model.attention_fp8": fp8_attention, "parallel.ulysses": world})
-    cfg.request = dataclasses.replace(cfg.request, prompt="a red fox in the snow", height=1024, width=1024,
+    cfg.request = dataclasses.replace(cfg.request, prompt="a red fox in the snow", height=SIZE, width=SIZE,
                                       steps=50, guidance=4.0, seed=0, max_sequence_length=512)
     eng = Engine(cfg, info)
-    torch.cuda.synchronize()
+    sync()
     t_engine = time.perf_counter() - t0
     first = eng.generate(dataclasses.replace(cfg.request, steps=1), decode=False)
-    torch.cuda.synchronize()
+    sync()
     t_first = time.perf_counter() - t0
     rows: dict = {"cold": cold, "world": world, "attention": first.metrics["attention"],
                   "engine_s": t_engine, "start_to_first_result_s": t_first,
-                  "peak_gib_after_start": torch.cuda.max_memory_allocated() / 2**30}
+                  "peak_gib_after_start": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     log(f"{'cold' if cold else 'warm'} start: engine {t_engine:.1f} s, first 1-step result at {t_first:.1f} s")
     rows["full"], ref = denoise(eng)
     rec, _ = denoise(eng, {"mode": "calibrate"})
@@ -54,7 +55,7 @@ def main(out: str, cache_dir: str, fp8_attention: bool) -> None:
     rows["teacache"], lat = denoise(eng, {"mode": "teacache", "threshold": th})
     rows["teacache"].pop("decisions", None)
     rows["teacache-latent-rel-err-vs-full"] = ((lat.float() - ref.float()).norm() / ref.float().norm()).item()
-    rows["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    rows["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     log(f"50 steps: {rows['full']['denoise_s']:.2f} s; TeaCache {rows['teacache']['denoise_s']:.2f} s "
         f"({rows['teacache']['skipped']} skipped, computed {rows['teacache']['computed_step_ms']:.1f} ms, "
         f"skipped {rows['teacache']['skipped_step_ms']} ms); peak {rows['peak_gib']:.1f} GiB")
