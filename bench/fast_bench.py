@@ -3,6 +3,7 @@
 
   python bench/fast_bench.py single OUT.json [quick]
   torchrun --nproc-per-node 2 bench/fast_bench.py sp OUT.json [quick]
+  python bench/fast_bench.py baseline OUT.json      # diffusers eager only (e.g. before an H100 engine run)
 
 Every stage keeps the previous ones (cumulative). Each row records the median ms per pass at 1024x1024,
 the first-call seconds after a recompile, and the relative error of the pass output against our eager
@@ -155,6 +156,17 @@ def single(out: str) -> None:
 
 
 @torch.inference_mode()
+def baseline(out: str) -> None:
+    """Only diffusers eager on 1 GPU (the ratio's denominator for a call that runs the engine elsewhere)."""
+    dev = torch.device("cuda", 0)
+    tr = build_preset("flux2-dev", dtype=torch.bfloat16, device=dev, seed=0).transformer.eval()
+    rows = {"diffusers-eager": time_ms(lambda: tr(**pass_inputs(dev, H, W), return_dict=False)),
+            "device": torch.cuda.get_device_name(dev), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    log("diffusers eager 1 GPU", rows["diffusers-eager"], "peak GiB", rows["peak_gib"])
+    write_json(out, rows)
+
+
+@torch.inference_mode()
 def sp(out: str) -> None:
     info = distributed.init("cuda")
     tr = build_preset("flux2-dev", dtype=torch.bfloat16, device=info.device, seed=0).transformer.eval()
@@ -169,4 +181,4 @@ def sp(out: str) -> None:
 
 if __name__ == "__main__":
     OUT.append(sys.argv[2])
-    {"single": single, "sp": sp}[sys.argv[1]](sys.argv[2])
+    {"single": single, "sp": sp, "baseline": baseline}[sys.argv[1]](sys.argv[2])

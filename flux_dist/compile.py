@@ -24,7 +24,9 @@ def enable_cache(cache_dir: str | None) -> None:
     """Persistent inductor / autotune caches so a second start skips most of the compile."""
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+        # Overwrite: inductor writes its default into this variable the first time anything asks for it.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)
+        log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 

@@ -61,6 +61,8 @@ class Engine:
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
         self.dtype = parse_dtype(cfg.model.dtype)
         t0 = time.perf_counter()
+        if cfg.model.compile:
+            compile_mod.enable_cache(cfg.model.compile_cache_dir)  # before anything asks inductor for its dir
         # Resolved before the load: full-size presets are quantized block by block while they are built.
         self.quant = quant.resolve_mode(cfg.model.quant, self.dist.device)
         self.c = load_model(cfg.model.model, dtype=self.dtype, device=self.dist.device, seed=cfg.model.seed,
@@ -79,7 +81,6 @@ class Engine:
         self.ctx = AttnContext(self.mesh, kernel=kernel)
         flux2.parallelize(self.tr, self.ctx)
         if cfg.model.compile:
-            compile_mod.enable_cache(cfg.model.compile_cache_dir)
             compile_mod.compile_blocks(self.tr, cfg.model.compile_backend)
         # the work outside the blocks (all a skipped cache step runs): a few compiled regions too
         self.fns = compile_mod.compile_step(cfg.model.compile_backend) if cfg.model.compile else flux2.EAGER

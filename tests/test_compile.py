@@ -104,3 +104,14 @@ def test_compiled_cache_decision_is_shared_under_ulysses():
     assert dec0 == dec1  # the same ratios, to the bit, and so the same skips
     assert [s for _, s, _ in dec0] == [s for _, s, _ in _decisions(want)] and any(s for _, s, _ in dec0)
     assert ((lat0 - want.latents).norm() / want.latents.norm()).item() < 1e-5
+
+
+def test_compile_cache_dir_wins_over_inductors_default(tmp_path, monkeypatch):
+    """Inductor writes its default dir into the variable on first use; an explicit flag must still win."""
+    import os
+
+    from flux_dist.compile import enable_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")
+    enable_cache(str(tmp_path / "cc"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc") and (tmp_path / "cc").is_dir()
