@@ -96,12 +96,6 @@ def _resolve(requested: str, fp8: bool, device: torch.device, dtype: torch.dtype
     return Kernel(name, fp8, ok[1] if len(ok) > 1 else "sdpa")
 
 
-def warmup(device: torch.device, dtype: torch.dtype, kernel: Kernel | None = None) -> Kernel:
-    """Run the one-time probes now (outside any torch.compile trace); returns the resolved kernel."""
-    kernel = kernel or Kernel()
-    return resolve(kernel.name, kernel.fp8, device, dtype)
-
-
 def _concrete(kernel: Kernel, q: torch.Tensor) -> Kernel:
     if kernel.name == "auto":
         kernel = resolve("auto", kernel.fp8, q.device, q.dtype)
