@@ -23,6 +23,7 @@ log = logging.getLogger("flux_dist")
 def enable_cache(cache_dir: str | None) -> None:
     """Persistent inductor / autotune caches so a second start skips most of the compile."""
     if cache_dir:
+        cache_dir = os.path.expanduser(cache_dir)
         os.makedirs(cache_dir, exist_ok=True)
         # Overwrite: inductor writes its default into this variable the first time anything asks for it.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)

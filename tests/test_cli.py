@@ -67,3 +67,19 @@ def test_config_errors(tmp_path):
     assert r.returncode == 2 and "unknown config key 'model.modle'" in r.stderr
     r = single("generate", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_every_shipped_config_loads_and_names_known_choices():
+    """configs/*.yaml parse into the dataclasses, and their enum-like values are ones the code accepts."""
+    from pathlib import Path
+
+    from flux_dist.config import load_config
+    from flux_dist.parallel.kernels import BACKENDS
+    from flux_dist.quant import MODES
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        c = load_config(str(f), {})
+        assert c.model.quant in MODES and c.model.attention in BACKENDS, f
+        assert c.model.dtype in ("float32", "bfloat16", "float16"), f
