@@ -147,10 +147,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     c = load_model(args.model, dtype=parse_dtype(args.dtype), device=dev, seed=args.seed, quant=mode)
     n = quant.quantize_transformer(c.transformer, mode)  # already quantized: only counts
     try:
-        save_components_quantized(c, args.path, mode)
+        save_components_quantized(c, args.path, mode, fmt=args.format)
     except ValueError as e:
         raise FluxDistError(str(e)) from e
-    print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path}")
+    print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path} ({args.format} format)")
     return 0
 
 
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--dtype", default="bfloat16")
     qz.add_argument("--device", default="auto")
     qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--format", choices=("flux-dist", "modelopt"), default="flux-dist",
+                    help="flux-dist's own checkpoint, or NVIDIA ModelOpt's Hugging Face export format "
+                    "(config.json quantization_config + hf_quant_config.json); --model DIR loads either")
     qz.set_defaults(func=cmd_quantize)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")

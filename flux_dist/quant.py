@@ -239,27 +239,250 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 QUANT_FILE = "flux_dist_quant.json"
 WEIGHTS_FILE = "quantized.safetensors"
+FORMATS = ("flux-dist", "modelopt")
+
+# NVIDIA ModelOpt's Hugging Face checkpoint format (nvidia-modelopt 0.47.0, modelopt/torch/export/):
+# a diffusers transformer folder whose config.json carries ``quantization_config`` with
+# ``quant_method: "modelopt"`` (unified_export_hf.py::_export_diffusers_checkpoint, in the layout of
+# convert_hf_config.py::convert_hf_quant_config_format); the LLM path also writes hf_quant_config.json
+# (unified_export_hf.py::_write_hf_export_config). Per quantized linear ``<name>``:
+#   FP8 per tensor ("FP8"):    weight e4m3 [N, K], weight_scale fp32 0-d = amax / 448, input_scale fp32 0-d
+#   FP8 per channel ("FP8_PER_CHANNEL_PER_TOKEN"): weight_scale fp32 [N] (TensorQuantizer.export_amax
+#                              squeezes the axis-0 amax), activations per token at run time
+#   NVFP4 ("NVFP4"):           weight uint8 [N, K/2], two E2M1 codes a byte, element 2i in the low nibble
+#                              (NVFP4QTensor.quantize); weight_scale e4m3 [N, K/16]; weight_scale_2 fp32
+#                              0-d = amax / (6 * 448); input_scale fp32 0-d;
+#                              w = e2m1 * weight_scale * weight_scale_2 (NVFP4QTensor.dequantize)
+# (unified_export_hf.py::_export_quantized_weight, quant_utils.py::to_quantized_weight). Our buffers use
+# the same conventions, so conversion is renaming and reshaping only.
+MODELOPT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained names it
+MODELOPT_QUANT_FILE = "hf_quant_config.json"
+MODELOPT_WRITE_ALGO = {"fp8": "FP8_PER_CHANNEL_PER_TOKEN", "nvfp4": "NVFP4"}  # our weights and activations
+MODELOPT_READ_ALGO = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "NVFP4": "nvfp4"}
+# QuantLinear buffer -> ModelOpt tensor name, per format
+MODELOPT_NAMES = {"fp8": {"weight_q": "weight", "weight_scale": "weight_scale"},
+                  "nvfp4": {"weight_q": "weight", "weight_block_scale": "weight_scale",
+                            "weight_global": "weight_scale_2"}}
 
 
-def save_quantized(tr: nn.Module, mode: str, folder: str) -> None:
-    """Write a quantized transformer (config + one safetensors file + what was quantized) so a large
-    model is quantized once. Format: flux-dist's own (the QuantLinear buffers), not ModelOpt's."""
+def checkpoint_format(folder: str) -> str | None:
+    """``flux-dist`` or ``modelopt`` for a quantized transformer folder, None for a plain one."""
+    import json
+    import os
+
+    if os.path.exists(os.path.join(folder, QUANT_FILE)):
+        return "flux-dist"
+    if os.path.exists(os.path.join(folder, MODELOPT_QUANT_FILE)):
+        return "modelopt"
+    cfg = os.path.join(folder, "config.json")
+    if os.path.exists(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            qc = json.load(f).get("quantization_config")
+        if isinstance(qc, dict) and qc.get("quant_method") == "modelopt":
+            return "modelopt"
+    return None  # (another quant_method is left to diffusers' from_pretrained, as before)
+
+
+def _quant_names(tr: nn.Module) -> list[str]:
+    return [n for n, m in tr.named_modules() if isinstance(m, QuantLinear)]
+
+
+def _modelopt_configs(tr: nn.Module, base: str) -> tuple[dict, dict]:
+    """(config.json ``quantization_config``, hf_quant_config.json) as ModelOpt writes them for ``base``:
+    quant_utils.py::get_quant_config / process_layer_quant_config, convert_hf_config.py."""
+    from . import __version__
+
+    algo = MODELOPT_WRITE_ALGO[base]
+    quantized = set(_quant_names(tr))
+    ignore = sorted(n for n, m in tr.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    producer = {"name": "flux-dist", "version": __version__}
+    details: dict = {"quant_algo": algo, "kv_cache_quant_algo": None}
+    hf_cfg: dict = {"quant_algo": algo, "producer": producer, "ignore": ignore, "quant_method": "modelopt"}
+    if base == "nvfp4":
+        details["group_size"] = BLOCK
+        group = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK}
+        hf_cfg["config_groups"] = {"group_0": {"input_activations": dict(group), "weights": dict(group),
+                                               "targets": ["Linear"]}}
+    details["exclude_modules"] = ignore
+    return hf_cfg, {"producer": producer, "quantization": details}
+
+
+def save_quantized(tr: nn.Module, mode: str, folder: str, fmt: str = "flux-dist") -> None:
+    """Write a quantized transformer so a large model is quantized once.
+
+    ``flux-dist``: config + our QuantLinear buffers + flux_dist_quant.json. ``modelopt``: NVIDIA
+    ModelOpt's HF format (see above): config.json with ``quantization_config``, hf_quant_config.json,
+    diffusion_pytorch_model.safetensors. No ``input_scale`` is written: activations are quantized per
+    token at run time, there is no calibrated static scale to give.
+    """
     import json
     import os
 
     from safetensors.torch import save_file
 
+    if fmt not in FORMATS:
+        raise FluxDistError(f"unknown checkpoint format '{fmt}' (choose from {', '.join(FORMATS)})")
+    base = mode.removesuffix("-emulate")
+    if base not in MODELOPT_NAMES:
+        raise FluxDistError(f"cannot save quantization '{mode}': pass an fp8 or nvfp4 mode")
     os.makedirs(folder, exist_ok=True)
     tr.save_config(folder)
     sd = {k: v.contiguous() for k, v in tr.state_dict().items()}
-    save_file(sd, os.path.join(folder, WEIGHTS_FILE))
-    names = [n for n, m in tr.named_modules() if isinstance(m, QuantLinear)]
-    with open(os.path.join(folder, QUANT_FILE), "w") as f:
-        json.dump({"format": "flux-dist-quant/1", "mode": mode, "modules": names}, f, indent=1)
+    names = _quant_names(tr)
+    if fmt == "flux-dist":
+        save_file(sd, os.path.join(folder, WEIGHTS_FILE))
+        with open(os.path.join(folder, QUANT_FILE), "w") as f:
+            json.dump({"format": "flux-dist-quant/1", "mode": mode, "modules": names}, f, indent=1)
+        return
+    split = [n for n in names if ".fd_" in n]
+    if split:
+        raise FluxDistError(f"cannot save {split[0]} in ModelOpt's format: a runtime split of a diffusers "
+                            "linear; save the model before it is split for a layout")
+    for n in names:
+        for ours, theirs in MODELOPT_NAMES[base].items():
+            t = sd.pop(f"{n}.{ours}")
+            sd[f"{n}.{theirs}"] = t.reshape(-1).contiguous() if ours == "weight_scale" else t  # [1, N] -> [N]
+    save_file(sd, os.path.join(folder, MODELOPT_WEIGHTS))
+    hf_cfg, quant_cfg = _modelopt_configs(tr, base)
+    cfg_path = os.path.join(folder, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = hf_cfg
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+    with open(os.path.join(folder, MODELOPT_QUANT_FILE), "w", encoding="utf-8") as f:
+        json.dump(quant_cfg, f, indent=4)
+
+
+def _modelopt_algo(folder: str) -> tuple[str, str]:
+    """(quant_algo, our base mode) of a ModelOpt folder; a clear error for what we cannot run."""
+    import json
+    import os
+
+    path = os.path.join(folder, MODELOPT_QUANT_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            q = json.load(f).get("quantization", {})
+        source = MODELOPT_QUANT_FILE
+    else:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f)["quantization_config"]
+        source = "config.json quantization_config"
+        if q.get("kv_cache_scheme"):
+            q = {**q, "kv_cache_quant_algo": q["kv_cache_scheme"]}
+    algo = q.get("quant_algo")
+    if algo not in MODELOPT_READ_ALGO:
+        raise FluxDistError(f"{folder}: ModelOpt quant_algo {algo!r} ({source}) is not supported; flux-dist loads "
+                            f"{', '.join(MODELOPT_READ_ALGO)}")
+    if q.get("kv_cache_quant_algo"):
+        raise FluxDistError(f"{folder}: ModelOpt kv_cache_quant_algo {q['kv_cache_quant_algo']!r} ({source}) is not "
+                            "supported: flux-dist quantizes linears only")
+    gs = q.get("group_size")
+    if algo == "NVFP4" and gs not in (None, BLOCK):
+        raise FluxDistError(f"{folder}: NVFP4 group_size {gs} ({source}); flux-dist's NVFP4 uses {BLOCK}")
+    return algo, MODELOPT_READ_ALGO[algo]
+
+
+def _read_safetensors(folder: str, names: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """One file, or the shards a ``<name>.index.json`` lists (diffusers shards above max_shard_size)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    for name in names:
+        if os.path.exists(os.path.join(folder, name)):
+            return load_file(os.path.join(folder, name), device=str(device))
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for fn in files:
+                sd.update(load_file(os.path.join(folder, fn), device=str(device)))
+            return sd
+    raise FluxDistError(f"{folder}: no {' or '.join(names)} (nor a sharded index)")
+
+
+def _quantizable(tr: nn.Module, name: str) -> bool:
+    """A linear flux-dist runs quantized: one of ``QUANTIZED`` inside a transformer block."""
+    parts = name.split(".")
+    return (len(parts) > 2 and parts[0] in ("transformer_blocks", "single_transformer_blocks")
+            and parts[1].isdigit() and ".".join(parts[2:]) in QUANTIZED
+            and isinstance(_get(tr, name), nn.Linear))
+
+
+def _get(tr: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return tr.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _from_modelopt(tr: nn.Module, folder: str, device: torch.device) -> str:
+    """Swap the shells' linears that the checkpoint holds quantized for QuantLinear shells and return
+    the state dict renamed to our buffers; returns the base mode. ``tr`` lives on the meta device."""
+    algo, base = _modelopt_algo(folder)
+    sd = _read_safetensors(folder, (MODELOPT_WEIGHTS, "model.safetensors"), device)
+    quantized = sorted({k.removesuffix(".weight_scale") for k in sd if k.endswith(".weight_scale")})
+    for name in quantized:
+        if not _quantizable(tr, name):
+            raise FluxDistError(f"{folder}: ModelOpt checkpoint quantizes '{name}', which flux-dist does not run "
+                                f"quantized (it quantizes {', '.join(QUANTIZED[:8])}, ... in the blocks only)")
+        parent, _, leaf = name.rpartition(".")
+        setattr(tr.get_submodule(parent), leaf, QuantLinear(tr.get_submodule(name), base))
+    n_input = 0
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        prefix, _, leaf = k.rpartition(".")
+        if prefix in quantized and leaf == "input_scale":
+            n_input += 1
+            continue
+        out[k] = v
+    for name in quantized:
+        lin = tr.get_submodule(name)
+        n, kdim = lin.out_features, lin.in_features
+        for ours, theirs in MODELOPT_NAMES[base].items():
+            key = f"{name}.{theirs}"
+            if key not in out:
+                raise FluxDistError(f"{folder}: {algo} linear '{name}' has no '{key}'")
+            t = out.pop(key)
+            if base == "fp8" and ours == "weight_scale":
+                if t.numel() not in (1, n):
+                    raise FluxDistError(f"{folder}: '{key}' has shape {tuple(t.shape)}: FP8 scales are per tensor "
+                                        f"or per output channel ({n})")
+                t = t.float().reshape(-1).expand(n).reshape(1, n).contiguous()  # per tensor -> per channel
+            want = {"weight_q": ((n, kdim), FP8) if base == "fp8" else ((n, kdim // 2), torch.uint8),
+                    "weight_block_scale": ((n, kdim // BLOCK), FP8),
+                    "weight_global": ((), torch.float32), "weight_scale": ((1, n), torch.float32)}[ours]
+            if ours == "weight_global":
+                if t.numel() != 1:
+                    raise FluxDistError(f"{folder}: '{key}' has shape {tuple(t.shape)}, NVFP4's global scale is "
+                                        "one value per tensor")
+                t = t.float().reshape(())
+            if tuple(t.shape) != want[0] or t.dtype != want[1]:
+                raise FluxDistError(f"{folder}: '{key}' is {t.dtype} {tuple(t.shape)}, expected {want[1]} "
+                                    f"{want[0]} (padded or swizzled NVFP4 scales are not read)")
+            out[f"{name}.{ours}"] = t
+    expected = set(tr.state_dict())
+    unknown = sorted(set(out) - expected)
+    if unknown:
+        raise FluxDistError(f"{folder}: ModelOpt checkpoint tensor(s) flux-dist cannot map: {', '.join(unknown[:5])}")
+    missing = sorted(expected - set(out))
+    if missing:
+        raise FluxDistError(f"{folder}: ModelOpt checkpoint lacks {', '.join(missing[:5])}")
+    if n_input:
+        log.info("ModelOpt checkpoint: %d static input_scale(s) ignored (flux-dist quantizes activations "
+                 "per token at run time)", n_input)
+    tr.load_state_dict(out, strict=True, assign=True)
+    log.info("loaded ModelOpt %s checkpoint %s: %d quantized linears", algo, folder, len(quantized))
+    return base
 
 
 def load_quantized(folder: str, device: torch.device) -> tuple[nn.Module, str]:
-    """The inverse of ``save_quantized``: shells built on the meta device, then the saved tensors assigned.
+    """The inverse of ``save_quantized`` in either format: shells built on the meta device, then the saved
+    tensors assigned. A ModelOpt folder is detected (config.json ``quantization_config`` or
+    hf_quant_config.json) and mapped onto QuantLinear; what cannot be mapped is a FluxDistError.
 
     A mode the device cannot run (FP8 on CPU, NVFP4 before Blackwell) is switched to its emulation,
     with the loud warning, rather than failing at the first GEMM.
@@ -270,20 +493,30 @@ def load_quantized(folder: str, device: torch.device) -> tuple[nn.Module, str]:
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import load_file
 
-    meta = json.load(open(os.path.join(folder, QUANT_FILE)))
+    fmt = checkpoint_format(folder)
+    if fmt is None:
+        raise FluxDistError(f"{folder}: not a quantized transformer (no {QUANT_FILE}, no ModelOpt quantization_config)")
+    cfg = dict(Flux2Transformer2DModel.load_config(folder))
+    cfg.pop("quantization_config", None)  # ours to read, not diffusers' quantizer's
     with torch.device("meta"):
-        tr = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(folder))
-        quantize_transformer(tr, meta["mode"])
-    tr.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
-    mode = meta["mode"]
+        tr = Flux2Transformer2DModel.from_config(cfg)
+    if fmt == "flux-dist":
+        with open(os.path.join(folder, QUANT_FILE), encoding="utf-8") as f:
+            mode = json.load(f)["mode"]
+        with torch.device("meta"):
+            quantize_transformer(tr, mode)
+        tr.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
+    else:
+        mode = _from_modelopt(tr, folder, device)
     try:
         resolve_mode(mode, device)
     except NotSupportedError:
-        mode = f"{mode}-emulate"
+        mode = f"{mode.removesuffix('-emulate')}-emulate"
         resolve_mode(mode, device)
+    out_dtype = tr.proj_out.weight.dtype  # the shells were built in float32; the file's dtype rules
     for m in tr.modules():
         if isinstance(m, QuantLinear):
-            m.mode = mode
+            m.mode, m.out_dtype = mode, out_dtype
     return tr.eval().requires_grad_(False), mode
 
 

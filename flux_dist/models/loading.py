@@ -20,7 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ..quant import QUANT_FILE, load_quantized
+from ..quant import checkpoint_format, load_quantized
 from .presets import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
 
 # model_index.json _class_name -> family
@@ -98,7 +98,7 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     def sub(name: str) -> str:
         return os.path.join(path, name)
 
-    if os.path.exists(os.path.join(path, "transformer", QUANT_FILE)):  # saved by `flux-dist quantize`
+    if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
         transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
     else:
         transformer = Flux2Transformer2DModel.from_pretrained(

@@ -475,8 +475,9 @@ def to_diffusers_pipeline(c: Components) -> Flux2Pipeline | Flux2KleinPipeline:
     return pipe
 
 
-def save_components_quantized(c: Components, path: str, mode: str) -> None:
-    """Like ``save_components`` but the (already quantized) transformer goes in flux-dist's quantized format."""
+def save_components_quantized(c: Components, path: str, mode: str, fmt: str = "flux-dist") -> None:
+    """Like ``save_components`` but the (already quantized) transformer goes in a quantized format:
+    ``flux-dist`` (our own) or ``modelopt`` (NVIDIA ModelOpt's Hugging Face export format)."""
     from ..quant import save_quantized
 
     if c.text_encoder is None or c.tokenizer is None:
@@ -486,7 +487,7 @@ def save_components_quantized(c: Components, path: str, mode: str) -> None:
     pipe.save_config(path)  # model_index.json
     for name in ("vae", "scheduler", "text_encoder", "tokenizer"):
         getattr(c, name).save_pretrained(os.path.join(path, name))
-    save_quantized(c.transformer, mode, os.path.join(path, "transformer"))
+    save_quantized(c.transformer, mode, os.path.join(path, "transformer"), fmt=fmt)
 
 
 def save_components(c: Components, path: str) -> None:
