@@ -60,6 +60,11 @@ class Engine:
         p = cfg.parallel
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
         self.dtype = parse_dtype(cfg.model.dtype)
+        if cfg.model.cuda_graphs:  # refused before a possibly long load
+            if self.dist.device.type != "cuda":
+                raise NotSupportedError("--cuda-graphs needs a CUDA device")
+            if cfg.cache.mode == "fbcache":
+                raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
         t0 = time.perf_counter()
         if cfg.model.compile:
             compile_mod.enable_cache(cfg.model.compile_cache_dir)  # before anything asks inductor for its dir
@@ -86,10 +91,6 @@ class Engine:
         self.fns = compile_mod.compile_step(cfg.model.compile_backend) if cfg.model.compile else flux2.EAGER
         self.stack = flux2.image_stack
         if cfg.model.cuda_graphs:
-            if self.dist.device.type != "cuda":
-                raise NotSupportedError("--cuda-graphs needs a CUDA device")
-            if cfg.cache.mode == "fbcache":
-                raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
             self.stack = GraphedStack()
         self._plans: dict[tuple[int, int], ShardPlan] = {}
         log.info("model %s: quant=%s (%d linears), attention=%s%s, compile=%s, layout %s", self.c.name, self.quant,

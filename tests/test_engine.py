@@ -144,3 +144,15 @@ def test_same_seed_same_image_and_seed_changes_it():
 
 def test_default_request_dataclass():
     assert RequestConfig().prompt is None
+
+
+def test_cuda_graphs_refused_before_the_model_loads(monkeypatch):
+    """--cuda-graphs on CPU (or with fbcache) fails at once, before a possibly long model load."""
+    from flux_dist import engine as engine_mod
+    from flux_dist.errors import NotSupportedError
+
+    monkeypatch.setattr(engine_mod, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    cfg = make_cfg("flux2-tiny", **EVEN)
+    cfg.model = dataclasses.replace(cfg.model, cuda_graphs=True)
+    with pytest.raises(NotSupportedError, match="needs a CUDA device"):
+        Engine(cfg)
