@@ -88,3 +88,35 @@ def test_fp8_attention_inputs_error_is_bounded():
     out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq))
     err = ((out - ref).norm() / ref.norm()).item()
     assert 1e-3 < err < 5e-2, err  # nonzero (it is quantized) and E4M3-sized
+
+
+def _fake_probes(monkeypatch, failing: dict[str, str]):
+    kernels._RESOLVED.clear()
+    monkeypatch.setattr(kernels, "_probe", lambda name, device: failing.get(name))
+
+
+def test_gpu_order_and_fallback_without_a_gpu(monkeypatch, caplog):
+    """On CUDA in bf16: FA3 first; a kernel that does not run gives one notice and the next one."""
+    _fake_probes(monkeypatch, {})
+    assert resolve("auto", True, "cuda:0", torch.bfloat16) == Kernel("fa3", True, "cudnn")
+    _fake_probes(monkeypatch, {"fa3": "ModuleNotFoundError: No module named 'fa3_fwd_interface'"})
+    with caplog.at_level(logging.WARNING, logger="flux_dist"):
+        k = resolve("fa3", True, "cuda:0", torch.bfloat16)
+    assert k == Kernel("cudnn", False, "flash")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("fa3 unavailable (ModuleNotFoundError" in m for m in msgs), msgs
+    assert any("FP8 attention needs the FA3 kernel" in m for m in msgs), msgs
+    _fake_probes(monkeypatch, {"fa3": "x", "cudnn": "y", "flash": "z"})
+    assert resolve("auto", False, "cuda:0", torch.bfloat16) == Kernel("sdpa", False, "sdpa")
+    _fake_probes(monkeypatch, {})
+    assert resolve("auto", False, "cuda:0", torch.float32).name == "sdpa"  # FA3/cuDNN: half precision only
+    kernels._RESOLVED.clear()
+
+
+def test_fa3_falls_back_for_head_sizes_it_has_no_kernel_for():
+    """Tiny test models (head dim 16) never reach FA3, whatever was resolved."""
+    q = torch.randn(1, 2, 8, 16)
+    k = kernels._concrete(Kernel("fa3", True, "sdpa"), q)
+    assert k == Kernel("sdpa")
+    out = kernels.attention(q, q, q, Kernel("fa3", True, "sdpa"))
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, q, q))

@@ -196,3 +196,20 @@ def test_fused_qkv_is_exact_where_the_format_allows(mode):
     x = torch.randn(5, 32)
     assert torch.equal(fused(x), torch.cat([m(x) for m in lins], dim=-1))
     assert fused.out_features == 144
+
+
+@pytest.mark.parametrize("cap,auto", [((10, 0), "nvfp4"), ((12, 0), "nvfp4"), ((9, 0), "fp8"), ((8, 9), "fp8"),
+                                      ((8, 0), "none"), ((7, 5), "none")])
+def test_auto_picks_by_compute_capability(monkeypatch, cap, auto):
+    """``auto``: NVFP4 on sm_100+, FP8 on sm_89/90, none elsewhere; an explicit mode the chip lacks is an error."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    gpu = torch.device("cuda", 0)
+    assert resolve_mode("auto", gpu) == auto
+    if cap < (10, 0):
+        with pytest.raises(NotSupportedError, match="NVFP4 GEMMs need Blackwell"):
+            resolve_mode("nvfp4", gpu)
+    if cap < (8, 9):
+        with pytest.raises(NotSupportedError, match="FP8 GEMMs need sm_89"):
+            resolve_mode("fp8", gpu)
+    else:
+        assert resolve_mode("fp8", gpu) == "fp8"
