@@ -129,7 +129,7 @@ def attention_check(dev) -> dict:
     r: dict = {}
     for name, fp8 in (("cudnn", False), ("flash", False), ("fa3", False), ("fa3", True)):
         kern = kernels.resolve(name, fp8, dev, torch.bfloat16)
-        key = f"{kern.name}{'-fp8' if kern.fp8 else ''}"
+        key = kern.label.replace("+", "-")
         f = lambda kern=kern: kernels.attention(q, k, v, kern)  # noqa: E731
         o = f()
         r[key] = {**time_ms(f, warm=5, rep=20), "rel_err_vs_fp32": rel_err(o[:, :8], ref)}

@@ -104,7 +104,10 @@ class StepCache:
         self.fns = fns  # the signal and its sums: compiled regions under --compile
         self.poly = np.poly1d(coefficients) if coefficients else None
         self.shared = shared or SharedDecision(mesh)
-        self.n_valid = int(plan.valid(mesh.sp_rank)[plan.txt_loc:].sum())  # real image tokens: a prefix
+        valid = plan.valid(mesh.sp_rank)[plan.txt_loc:]  # real image tokens of this shard
+        self.n_valid = int(valid.sum())
+        if not bool(valid[:self.n_valid].all()):  # the sums slice a prefix (ShardPlan pads at the end)
+            raise AssertionError("the shard plan put padding before real image tokens; the cache sums need a prefix")
         self.prev: torch.Tensor | None = None
         self.residual: dict[int, torch.Tensor] = {}
         self.acc = 0.0

@@ -93,8 +93,8 @@ class Engine:
         if cfg.model.cuda_graphs:
             self.stack = GraphedStack()
         self._plans: dict[tuple[int, int], ShardPlan] = {}
-        log.info("model %s: quant=%s (%d linears), attention=%s%s, compile=%s, layout %s", self.c.name, self.quant,
-                 n_quant, kernel.name, "+fp8" if kernel.fp8 else "", cfg.model.compile, self.mesh.describe())
+        log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s", self.c.name, self.quant,
+                 n_quant, kernel.label, cfg.model.compile, self.mesh.describe())
         vae_cfg = self.c.vae.config
         self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=self.vae_scale * 2)
@@ -216,7 +216,7 @@ class Engine:
             "device": str(dev),
             "dtype": self.cfg.model.dtype,
             "quant": self.quant,
-            "attention": self.ctx.kernel.name + ("+fp8" if self.ctx.kernel.fp8 else ""),
+            "attention": self.ctx.kernel.label,
             "compile": self.cfg.model.compile,
             "cuda_graphs": self.cfg.model.cuda_graphs,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,

@@ -33,6 +33,11 @@ class Kernel:
     fp8: bool = False
     fallback: str = "sdpa"  # for head sizes FA3 has no kernel for (tiny test models)
 
+    @property
+    def label(self) -> str:
+        """What the log line and the metrics JSON call it, e.g. ``fa3+fp8``."""
+        return self.name + ("+fp8" if self.fp8 else "")
+
 
 # -- choosing --------------------------------------------------------------------------------
 _PROBED: dict[tuple[str, str], str | None] = {}  # (backend, device) -> None if it runs, else why not
