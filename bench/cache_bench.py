@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from bench.common import log, write_json
-from flux_dist.cache import FLUX2_DEV_TEACACHE, SharedDecision, StepCache
+from flux_dist.cache import SharedDecision, StepCache
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
 from flux_dist.models import flux2
+from flux_dist.models.flux2 import FLUX2_DEV_TEACACHE
 
 STEPS, TARGET_SKIPS = 50, 16
 # A CPU smoke test of this script: BENCH_MODEL=flux2-tiny BENCH_DEVICE=cpu BENCH_SIZE=128
@@ -96,19 +97,19 @@ def decision_cost_ms(eng: Engine) -> float:
 
     Through the engine's step regions, so under compile it times the compiled signal and sums."""
     dev = eng.dist.device
-    tr = eng.tr
+    tr = eng.model.tr
     n = eng.ctx.plan.img_loc
     img = torch.randn(1, n, tr.inner_dim, device=dev, dtype=tr.dtype)
     mods = flux2.modulations(tr, img, torch.full((1,), 0.5, device=dev), torch.full((1,), 4.0, device=dev))
-    sc = StepCache(eng.cfg.cache, eng.mesh, eng.ctx.plan, STEPS, FLUX2_DEV_TEACACHE, SharedDecision(eng.mesh),
-                   fns=eng.fns)
-    sc.prev = eng.fns.signal(tr, img * 1.01, mods[1])
+    sc = StepCache(eng.cfg.cache, eng.mesh, eng.ctx.plan, STEPS, FLUX2_DEV_TEACACHE,
+                   eng.model.cache_hooks(eng.stack, eng.fns), SharedDecision(eng.mesh))
+    sc.prev = eng.fns.signal(tr, img * 1.01, mods)
     ts = []
     for _ in range(60):
         sync()
         t0 = time.perf_counter()
         sc.begin_step(5)
-        sc._decide(eng.fns.signal(tr, img, mods[1]))
+        sc._decide(eng.fns.signal(tr, img, mods))
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts[10:])
 
@@ -122,7 +123,7 @@ def baseline_pipeline(eng: Engine) -> float:
         Flux2ParallelSelfAttnProcessor,
     )
 
-    tr = eng.tr
+    tr = eng.model.tr
     for b in tr.transformer_blocks:
         b.attn.set_processor(Flux2AttnProcessor())
     for b in tr.single_transformer_blocks:

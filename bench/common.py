@@ -31,7 +31,7 @@ def time_ms(fn, warm: int = 2, rep: int = 5) -> dict:
 
 
 def pass_inputs(device, h: int, w: int, txt: int = 512, dim: int = 15360, guidance: bool = True) -> dict:
-    """The anchor script's inputs (shared/anchors/anchor_bench.py): packed latents, random embeddings."""
+    """The anchor script's inputs (bench/anchors/anchor_bench.py): packed latents, random embeddings."""
     lh, lw = h // 16, w // 16
     n = lh * lw
     g = torch.Generator(device=device).manual_seed(1)

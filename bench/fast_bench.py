@@ -60,7 +60,7 @@ def stage(rows: dict, key: str, fn, ref: torch.Tensor | None) -> torch.Tensor:
 
 def recompile(tr) -> None:
     torch._dynamo.reset()
-    compile_blocks(tr)
+    compile_blocks([*tr.transformer_blocks, *tr.single_transformer_blocks])
 
 
 def variants(tr, ctx: AttnContext, dev, rows: dict, tag: str) -> None:
@@ -70,7 +70,7 @@ def variants(tr, ctx: AttnContext, dev, rows: dict, tag: str) -> None:
     recompile(tr)
     stage(rows, f"ours-{tag}-compile", fn, ref)
     t0 = time.perf_counter()
-    n = quant.quantize_transformer(tr, "fp8")
+    n = flux2.quantize_transformer(tr, "fp8")
     torch.cuda.synchronize()
     rows[f"ours-{tag}-fp8-quantize-s"] = time.perf_counter() - t0
     rows[f"ours-{tag}-fp8-linears"] = n
@@ -87,14 +87,14 @@ def variants(tr, ctx: AttnContext, dev, rows: dict, tag: str) -> None:
     out = stage(rows, f"ours-{tag}-compile-fp8-fa3fp8", fn, ref)
     if QUICK:
         return
-    gs = GraphedStack()
+    gs = GraphedStack(flux2.image_stack)
     gfn = ours_fn(tr, ctx, pass_inputs(dev, H, W), gs)
     gout = stage(rows, f"ours-{tag}-compile-fp8-fa3fp8-graphs", gfn, ref)
     rows[f"ours-{tag}-graphs-rel-err-vs-nongraph"] = rel_err(gout, out)
     for key, kernel in (("fa3", kernels.Kernel("fa3", False)), ("fa3fp8", ctx.kernel)):
         ctx.kernel = kernel
         recompile(tr)
-        g2 = ours_fn(tr, ctx, pass_inputs(dev, 2048, 2048), GraphedStack())
+        g2 = ours_fn(tr, ctx, pass_inputs(dev, 2048, 2048), GraphedStack(flux2.image_stack))
         g2()
         rows[f"ours-{tag}-compile-fp8-{key}-graphs/2048"] = time_ms(g2, warm=1, rep=3)
         log(f"ours-{tag}-compile-fp8-{key}-graphs/2048", rows[f"ours-{tag}-compile-fp8-{key}-graphs/2048"])

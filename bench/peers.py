@@ -6,7 +6,7 @@
       (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())) + regional compile
   torchrun --nproc-per-node 2 bench/peers.py ulysses OUT.json [2048]
       diffusers native context parallel (ContextParallelConfig(ulysses_degree=2)) eager, then the
-      same model rebuilt with torchao FP8 + regional compile (shared/anchors/anchor3.py's order)
+      same model rebuilt with torchao FP8 + regional compile (bench/anchors/anchor3.py's order)
   torchrun --nproc-per-node 2 bench/peers.py xdit OUT.json [2048]
       xDiT (xfuser) USP, Ulysses 2: xFuserFlux2Transformer2DWrapper, the class xfuser's FLUX.2 runner
       loads for every non-PipeFusion layout, holding the preset's weights

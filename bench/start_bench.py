@@ -21,9 +21,9 @@ import torch
 from bench.cache_bench import DEVICE, DTYPE, MODEL, SIZE, denoise, pick_threshold, sync
 from bench.common import log, write_json
 from flux_dist import distributed
-from flux_dist.cache import FLUX2_DEV_TEACACHE
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
+from flux_dist.models.flux2 import FLUX2_DEV_TEACACHE
 
 
 def main(out: str, cache_dir: str, fp8_attention: bool) -> None:

@@ -11,8 +11,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import RunConfig, load_config, to_dict
+from .config import CheckpointFormat, RunConfig, choices, load_config, to_dict
 from .errors import FluxDistError
+from .validation import check_request, check_run
 
 log = logging.getLogger("flux_dist")
 
@@ -64,20 +65,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import distributed
-    from .engine import Engine, check_request
+    from .engine import Engine
 
     cfg = config_from_args(args)
+    check_run(cfg)
+    if not args.prompts_file:
+        check_request(cfg.request, cfg.limits)  # before the (slow) model load
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    engine = Engine(cfg, info)
     if args.prompts_file:
         from .batch import run_batch
 
-        engine = Engine(cfg, info)
         code = run_batch(cfg, engine, args.prompts_file, args.output_dir)
         if code == 0:
             engine.close()
         return code
-    check_request(cfg.request, cfg.limits)  # before the (slow) model load
-    engine = Engine(cfg, info)
     distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     result = engine.generate(cfg.request)
     if engine.dist.is_main:
@@ -93,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     cfg = config_from_args(args)
+    check_run(cfg)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
     code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
@@ -120,11 +123,11 @@ def _write_outputs(cfg: RunConfig, save_image: Callable[[Path], object], metrics
 def cmd_ray_generate(args: argparse.Namespace) -> int:
     """The same request on a Ray cluster; this process is the driver and writes the outputs."""
     from .distributed import setup_logging
-    from .engine import check_request
     from .launch_ray import ray_generate
 
     cfg = config_from_args(args)
     setup_logging(0)
+    check_run(cfg)
     check_request(cfg.request, cfg.limits)  # before reserving any actor
     res = ray_generate(cfg, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
     _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
@@ -133,36 +136,21 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a model's transformer once and save the whole model directory (loads with --model DIR)."""
-    from . import quant
     from .distributed import pick_device, setup_logging
-    from .engine import parse_dtype
-    from .models.presets import save_components_quantized
-    from .models.source import load_model
+    from .models.source import quantize_model
 
     setup_logging(0)
-    dev = pick_device(args.device, 0)
-    mode = quant.resolve_mode(args.quant, dev)
-    if mode == "none":
-        raise FluxDistError(f"--quant {args.quant} resolves to 'none' on {dev}: nothing to save")
-    c = load_model(args.model, dtype=parse_dtype(args.dtype), device=dev, seed=args.seed, quant=mode)
-    n = quant.quantize_transformer(c.transformer, mode)  # already quantized: only counts
-    try:
-        save_components_quantized(c, args.path, mode, fmt=args.format)
-    except ValueError as e:
-        raise FluxDistError(str(e)) from e
+    n, mode = quantize_model(args.model, args.path, quant=args.quant, dtype=args.dtype,
+                             device=pick_device(args.device, 0), seed=args.seed, fmt=args.format)
     print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path} ({args.format} format)")
     return 0
 
 
 def cmd_save_preset(args: argparse.Namespace) -> int:
     """Write a preset as a diffusers-format directory (for --model PATH and for diffusers itself)."""
-    import torch
+    from .models.presets import save_preset
 
-    from .engine import parse_dtype
-    from .models.presets import build_preset, save_components
-
-    c = build_preset(args.name, dtype=parse_dtype(args.dtype), device=torch.device("cpu"), seed=args.seed)
-    save_components(c, args.path)
+    save_preset(args.name, args.path, dtype=args.dtype, seed=args.seed)
     print(f"saved {args.name} to {args.path}")
     return 0
 
@@ -172,23 +160,17 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     import dataclasses
 
     from . import distributed
-    from .cache import fit_coefficients, write_calibration
-    from .engine import Engine, check_request
+    from .cache import calibrate
+    from .engine import Engine
 
     cfg = config_from_args(args)
     cfg.cache.mode = "calibrate"
     prompts = read_prompts(args.prompts_file)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    check_run(cfg)
     check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
-    pairs: list = []
-    for i, p in enumerate(prompts):
-        res = engine.generate(dataclasses.replace(cfg.request, prompt=p, seed=cfg.request.seed + i), decode=False)
-        pairs += res.metrics["cache"]["calibration_pairs"]
-    coeffs = fit_coefficients([x for x, _ in pairs], [y for _, y in pairs], args.degree)
-    if engine.dist.is_main:
-        write_calibration(args.calib_output, coeffs, pairs, engine.c.name)
-        log.info("fitted %d pairs from %d prompts -> %s: %s", len(pairs), len(prompts), args.calib_output, coeffs)
+    calibrate(engine, prompts, args.calib_output, args.degree)
     engine.close()
     return 0
 
@@ -249,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--dtype", default="bfloat16")
     qz.add_argument("--device", default="auto")
     qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--format", choices=("flux-dist", "modelopt"), default="flux-dist",
+    qz.add_argument("--format", choices=choices(CheckpointFormat), default="flux-dist",
                     help="flux-dist's own checkpoint, or NVIDIA ModelOpt's Hugging Face export format "
                     "(config.json quantization_config + hf_quant_config.json); --model DIR loads either")
     qz.set_defaults(func=cmd_quantize)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
-
-from .models import flux2
 
 log = logging.getLogger("flux_dist")
 
@@ -32,26 +32,28 @@ def enable_cache(cache_dir: str | None) -> None:
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def compile_blocks(tr: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
-    """Compile every double- and single-stream block in place; returns the number compiled."""
+def compile_blocks(blocks: Iterable[torch.nn.Module], backend: str = "inductor", mode: str | None = None) -> int:
+    """Compile each repeated block in place (the adapter says which); returns the number compiled."""
     n = 0
-    for blocks in (tr.transformer_blocks, tr.single_transformer_blocks):
-        for block in blocks:
-            block.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)
-            n += 1
+    for block in blocks:
+        block.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+        n += 1
     log.info("compiled %d blocks (backend=%s, fullgraph)", n, backend)
     return n
 
 
-def compile_step(backend: str = "inductor", mode: str | None = None) -> flux2.StepFns:
-    """Each of the step's regions outside the blocks compiled whole (fullgraph, static shapes).
+F = TypeVar("F")
+
+
+def compile_fns(fns: F, backend: str = "inductor", mode: str | None = None) -> F:
+    """Each function of a frozen dataclass of regions (the adapter's ``StepFns``) compiled whole
+    (fullgraph, static shapes).
 
     Every value that changes between steps or requests (timestep, sigmas, guidance, the cached
     residual) reaches a region as a tensor, so one graph per region serves every step of a shape.
     """
-    opts = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
-    fns = flux2.StepFns(**{f.name: torch.compile(getattr(flux2.EAGER, f.name), **opts)
-                           for f in dataclasses.fields(flux2.StepFns)})
-    log.info("compiled the step's %d regions outside the blocks (backend=%s, fullgraph)",
-             len(dataclasses.fields(fns)), backend)
-    return fns
+    opts: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    fields = dataclasses.fields(fns)
+    out = type(fns)(**{f.name: torch.compile(getattr(fns, f.name), **opts) for f in fields})
+    log.info("compiled the step's %d regions outside the blocks (backend=%s, fullgraph)", len(fields), backend)
+    return out

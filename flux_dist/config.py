@@ -5,11 +5,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from .errors import FluxDistError
+
+# The one list of each choice; the modules that implement them import these names.
+Dtype = Literal["float32", "bfloat16", "float16"]
+DeviceKind = Literal["auto", "cpu", "cuda"]
+QuantMode = Literal["none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "auto"]
+AttentionBackend = Literal["auto", "fa3", "cudnn", "flash", "sdpa"]
+CacheMode = Literal["none", "teacache", "fbcache", "calibrate"]  # calibrate: compute every step, record pairs
+CheckpointFormat = Literal["flux-dist", "modelopt"]
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The names a ``Literal`` type allows, in order (for messages and argparse)."""
+    return tuple(get_args(kind))
 
 
 @dataclass
@@ -17,15 +30,15 @@ class ModelConfig:
     """Which weights: a preset name (random weights) or a local diffusers-format directory."""
 
     model: str = "flux2-tiny"
-    dtype: str = "float32"  # float32 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: Dtype = "float32"
+    device: DeviceKind = "auto"
     seed: int = 0  # seed of the preset's random weights (not of the image)
-    quant: str = "none"  # none | fp8 | nvfp4 | auto | fp8-emulate | nvfp4-emulate (numerics only)
+    quant: QuantMode = "none"  # the *-emulate modes validate numerics only
     compile: bool = False  # regional torch.compile of the blocks
     compile_backend: str = "inductor"
     compile_cache_dir: str | None = None  # persistent inductor cache (warm starts)
     cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
-    attention: str = "auto"  # auto | fa3 | cudnn | flash | sdpa; a missing kernel falls back with a notice
+    attention: AttentionBackend = "auto"  # a missing kernel falls back with a notice
     attention_fp8: bool = False  # FP8 (E4M3, per-head scales) q/k/v into FA3 (Hopper); bf16 elsewhere
 
 
@@ -74,7 +87,7 @@ class DistConfig:
 class CacheConfig:
     """Step cache: skip whole transformer passes when the input barely changed (one decision for all ranks)."""
 
-    mode: str = "none"  # none | teacache | fbcache
+    mode: CacheMode = "none"
     threshold: float = 0.0  # teacache: accumulated rescaled change; fbcache: relative first-block change
     warmup_steps: int = 1  # always computed at the start
     cutoff_steps: int = 1  # always computed at the end

@@ -13,16 +13,16 @@ import logging
 
 import torch
 
-from .models import flux2
+from .stack import BlockStack
 
 log = logging.getLogger("flux_dist")
 
 
 class GraphedStack:
-    """A drop-in for ``flux2.image_stack`` that replays a captured CUDA graph."""
+    """A ``BlockStack`` that replays a captured CUDA graph of another (the model's plain stack)."""
 
-    def __init__(self, warmup: int = 2) -> None:
-        self.warmup = warmup
+    def __init__(self, stack: BlockStack, warmup: int = 2) -> None:
+        self.inner, self.warmup = stack, warmup
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     def __call__(self, tr, img, txt, mods, rope) -> torch.Tensor:
@@ -41,7 +41,7 @@ class GraphedStack:
 
         def run() -> torch.Tensor:
             img, txt, *rest = static
-            return flux2.image_stack(tr, img, txt, tuple(rest[:n_mods]), tuple(rest[n_mods:]))
+            return self.inner(tr, img, txt, tuple(rest[:n_mods]), tuple(rest[n_mods:]))
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

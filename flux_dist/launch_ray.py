@@ -71,7 +71,8 @@ class RankActor:
     def run(self, cfg: RunConfig, env: dict[str, str]) -> dict | None:
         os.environ.update(env)
         from . import distributed
-        from .engine import Engine, check_request
+        from .engine import Engine
+        from .validation import check_request
 
         info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
         check_request(cfg.request, cfg.limits)

@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from flux_dist.cache import FLUX2_DEV_TEACACHE, StepCache, fit_coefficients
+from flux_dist.cache import StepCache, fit_coefficients
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
 from flux_dist.errors import FluxDistError
+from flux_dist.models.flux2 import FLUX2_DEV_TEACACHE
 
 from dist_utils import run_distributed
 

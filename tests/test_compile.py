@@ -10,9 +10,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from flux_dist.cache import FLUX2_DEV_TEACACHE
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
+from flux_dist.models.flux2 import FLUX2_DEV_TEACACHE
 
 from dist_utils import run_distributed
 

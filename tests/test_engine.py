@@ -11,6 +11,7 @@ import torch
 from flux_dist.config import RequestConfig, RunConfig, load_config
 from flux_dist.engine import Engine
 from flux_dist.errors import FluxDistError
+from flux_dist.models.flux2 import pipeline as flux2_pipeline
 from flux_dist.models.presets import build_preset, to_diffusers_pipeline
 
 from dist_utils import run_distributed
@@ -55,10 +56,11 @@ def test_one_process_equals_diffusers(model, guidance):
               guidance_scale=guidance, max_sequence_length=req.max_sequence_length)
     lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(req.seed), output_type="latent").images
     if lat.ndim == 4:  # Flux2KleinPipeline returns the VAE's input for output_type="latent"
-        h, w = req.height // (2 * eng.vae_scale), req.width // (2 * eng.vae_scale)
-        ids = eng.noise(req, torch.float32)[1]
+        vs = flux2_pipeline.vae_scale(eng.c)
+        h, w = req.height // (2 * vs), req.width // (2 * vs)
+        ids = eng.model.noise(req.height, req.width, req.seed, torch.float32)[1]
         assert ids.shape[1] == h * w
-        lat, mine_lat = lat, eng.vae_latents(ours.latents, ids)
+        lat, mine_lat = lat, flux2_pipeline.vae_latents(eng.c, ours.latents, ids)
     else:
         mine_lat = ours.latents
     assert rel(mine_lat, lat) < REL

@@ -8,9 +8,10 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
 from flux_dist.errors import FluxDistError
-from flux_dist.models import presets
+from flux_dist.models import full, presets
+from flux_dist.models.flux2 import QUANTIZED, quantize_transformer
 from flux_dist.models.presets import build_preset
-from flux_dist.quant import QUANTIZED, QuantLinear, quantize_transformer
+from flux_dist.quant import QuantLinear
 
 SEED = 5
 TINY_FULL = dict(presets.FULL_TRANSFORMER_CONFIGS["flux2-dev"])
@@ -24,7 +25,7 @@ def tiny_full(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(presets.FULL_TRANSFORMER_CONFIGS, "flux2-dev", TINY_FULL)
     one_block = dict(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
                      up_block_types=("UpDecoderBlock2D",), layers_per_block=1)
-    monkeypatch.setattr(presets, "AutoencoderKLFlux2", lambda: AutoencoderKLFlux2(**one_block))
+    monkeypatch.setattr(full, "AutoencoderKLFlux2", lambda: AutoencoderKLFlux2(**one_block))
 
 
 def _blocks(tr: torch.nn.Module) -> list[torch.nn.Module]:
@@ -85,7 +86,7 @@ def test_at_most_one_block_unquantized_at_a_time(monkeypatch: pytest.MonkeyPatch
         assert len(devices) == 1
         return devices != {"meta"}
 
-    real = presets.quantize_block
+    real = full.quantize_block
 
     def checked(block: torch.nn.Module, mode: str) -> int:
         blocks = _blocks(built[-1])
@@ -98,8 +99,8 @@ def test_at_most_one_block_unquantized_at_a_time(monkeypatch: pytest.MonkeyPatch
             assert not on_device(b)
         return real(block, mode)
 
-    monkeypatch.setattr(presets, "Flux2Transformer2DModel", record)
-    monkeypatch.setattr(presets, "quantize_block", checked)
+    monkeypatch.setattr(full, "Flux2Transformer2DModel", record)
+    monkeypatch.setattr(full, "quantize_block", checked)
     tr = build_preset("flux2-dev", seed=SEED, quant="fp8-emulate").transformer
     assert seen == list(range(4))
     assert not any(high_precision(b) for b in _blocks(tr))
@@ -114,7 +115,7 @@ def test_unknown_parameter_or_buffer_is_refused(monkeypatch: pytest.MonkeyPatch)
         tr.proj_out.bias = torch.nn.Parameter(torch.empty(tr.proj_out.out_features))
         return tr
 
-    monkeypatch.setattr(presets, "Flux2Transformer2DModel", with_bias)
+    monkeypatch.setattr(full, "Flux2Transformer2DModel", with_bias)
     with pytest.raises(RuntimeError, match=r"no rule for proj_out\.bias"):
         build_preset("flux2-dev", seed=SEED)
 
@@ -123,7 +124,7 @@ def test_unknown_parameter_or_buffer_is_refused(monkeypatch: pytest.MonkeyPatch)
         tr.pos_embed.register_buffer("table", torch.zeros(3))
         return tr
 
-    monkeypatch.setattr(presets, "Flux2Transformer2DModel", with_buffer)
+    monkeypatch.setattr(full, "Flux2Transformer2DModel", with_buffer)
     with pytest.raises(RuntimeError, match="has buffers"):
         build_preset("flux2-dev", seed=SEED)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLFlux2
 
-from flux_dist.models import presets
+from flux_dist.models import full, presets
 from flux_dist.models import tokenizers as tok_mod
 from flux_dist.models.loading import load_pretrained
 from flux_dist.models.presets import PRESETS, build_preset, save_components, to_diffusers_pipeline
@@ -328,7 +328,7 @@ def test_full_size_build_path_is_deterministic(monkeypatch: pytest.MonkeyPatch) 
     # The default 84M-parameter VAE takes seconds to initialise on a CPU; one block shows the path.
     one_block = dict(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",))
     one_block.update(up_block_types=("UpDecoderBlock2D",), layers_per_block=1)
-    monkeypatch.setattr(presets, "AutoencoderKLFlux2", lambda: AutoencoderKLFlux2(**one_block))
+    monkeypatch.setattr(full, "AutoencoderKLFlux2", lambda: AutoencoderKLFlux2(**one_block))
     a = build_preset("flux2-klein-4b", dtype=torch.bfloat16, seed=3)
     b = build_preset("flux2-klein-4b", dtype=torch.bfloat16, seed=3)
     assert torch.get_default_dtype() == torch.float32

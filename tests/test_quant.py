@@ -11,6 +11,7 @@ import torch
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
 from flux_dist.errors import FluxDistError, NotSupportedError
+from flux_dist.models.flux2 import quantize_transformer
 from flux_dist.models.presets import build_preset
 from flux_dist.quant import (
     QuantLinear,
@@ -18,7 +19,6 @@ from flux_dist.quant import (
     dequantize_nvfp4,
     quantize_fp8_rowwise,
     quantize_nvfp4,
-    quantize_transformer,
     resolve_mode,
 )
 
@@ -173,8 +173,8 @@ def test_quantize_once_save_and_load(tmp_path):
     loaded = Engine(dataclasses.replace(_cfg(quant="none"), model=dataclasses.replace(
         _cfg().model, model=str(d), quant="none")))
     fresh = Engine(_cfg())
-    n_quant = sum(isinstance(m, QuantLinear) for m in fresh.tr.modules())
-    assert n_quant > 0 and sum(isinstance(m, QuantLinear) for m in loaded.tr.modules()) == n_quant
+    n_quant = sum(isinstance(m, QuantLinear) for m in fresh.model.tr.modules())
+    assert n_quant > 0 and sum(isinstance(m, QuantLinear) for m in loaded.model.tr.modules()) == n_quant
     a = loaded.generate(loaded.cfg.request, decode=False).latents
     b = fresh.generate(fresh.cfg.request, decode=False).latents
     assert torch.equal(a, b)

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from flux_dist.config import load_config
 from flux_dist.engine import Engine
 from flux_dist.errors import FluxDistError
+from flux_dist.models.flux2 import load_quantized
 from flux_dist.models.presets import build_preset
 from flux_dist.models.source import load_model
-from flux_dist.quant import QuantLinear, checkpoint_format, dequantize_fp8, dequantize_nvfp4, load_quantized
+from flux_dist.quant import QuantLinear, checkpoint_format, dequantize_fp8, dequantize_nvfp4
 
 CPU = torch.device("cpu")
 LIN = "transformer_blocks.0.attn.to_q"  # one linear NVIDIA's FLUX.2 recipe quantizes
@@ -59,7 +60,7 @@ def test_modelopt_format_round_trip(tmp_path, mode):
     n = sum(isinstance(m, QuantLinear) for m in built.modules())
     assert n > 0 and sum(isinstance(m, QuantLinear) for m in tr.modules()) == n
     fresh, loaded = Engine(_cfg(quant=mode)), Engine(_cfg(model=str(d)))  # loaded: through loading.py
-    assert sum(isinstance(m, QuantLinear) for m in loaded.tr.modules()) > 0
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.tr.modules()) > 0
     assert torch.equal(loaded.generate(loaded.cfg.request, decode=False).latents,
                        fresh.generate(fresh.cfg.request, decode=False).latents)
 

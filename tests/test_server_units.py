@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from flux_dist.config import LimitsConfig, RequestConfig
-from flux_dist.engine import check_request
 from flux_dist.server.metrics import Metrics
 from flux_dist.server.protocol import BadRequest, parse_generation
+from flux_dist.validation import check_request
 
 from dist_utils import run_distributed
 

@@ -20,8 +20,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ..quant import checkpoint_format, load_quantized
-from .presets import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
+from ..quant import checkpoint_format
+from .components import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
+from .flux2.quant_plan import load_quantized
 
 # model_index.json _class_name -> family
 PIPELINE_FAMILIES: dict[str, str] = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}

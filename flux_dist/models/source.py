@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FluxDistError
-from ..quant import quantize_transformer
+from .flux2.quant_plan import quantize_transformer
 from .presets import PRESETS, Components, build_preset
 
 
@@ -32,3 +32,23 @@ def load_model(
         quantize_transformer(c.transformer, quant)
         return c
     raise FluxDistError(f"unknown model '{model}': not a preset ({', '.join(PRESETS)}) and no such directory")
+
+
+def quantize_model(model: str, path: str, *, quant: str, dtype: str, device: torch.device, seed: int = 0,
+                   fmt: str = "flux-dist") -> tuple[int, str]:
+    """``flux-dist quantize``: load ``model`` with its transformer quantized once, save the whole model
+    directory in ``fmt`` (flux-dist's or ModelOpt's). Returns (quantized linears, mode)."""
+    from ..devices import parse_dtype
+    from ..quant import resolve_mode
+    from .presets import save_components_quantized
+
+    mode = resolve_mode(quant, device)
+    if mode == "none":
+        raise FluxDistError(f"--quant {quant} resolves to 'none' on {device}: nothing to save")
+    c = load_model(model, dtype=parse_dtype(dtype), device=device, seed=seed, quant=mode)
+    n = quantize_transformer(c.transformer, mode)  # already quantized: only counts
+    try:
+        save_components_quantized(c, path, mode, fmt=fmt)
+    except ValueError as e:
+        raise FluxDistError(str(e)) from e
+    return n, mode

@@ -18,3 +18,12 @@ def cfg_parallel_combine(pred: torch.Tensor, mesh: Mesh, scale: float) -> torch.
     both = all_gather(pred, 0, mesh.groups["cfg"])
     cond, uncond = both.chunk(2, dim=0)
     return guided(cond, uncond, scale)
+
+
+def branch_prompts(prompt: str, negative: str, do_cfg: bool, mesh: Mesh) -> list[str]:
+    """The prompts this rank encodes: the cond branch, and the uncond one unless cfg rank 1 holds it."""
+    if not do_cfg:
+        return [prompt]
+    if mesh.dims.cfg > 1:
+        return [negative] if mesh.cfg_rank == 1 else [prompt]
+    return [prompt, negative]

@@ -1,7 +1,7 @@
 """Local attention kernels on ``[B, H, S, D]`` tensors: plain, and with the log-sum-exp (for the ring).
 
 Which kernel runs is chosen once per process (``resolve``): on Hopper in bf16 FA3's forward kernel
-(the ``fa3-fwd`` wheel) is the fastest measured (697 TFLOP/s, cuDNN 587, SDPA flash 341; DESIGN.md),
+(the ``fa3-fwd`` wheel) is the fastest measured (697 TFLOP/s, cuDNN 587, SDPA flash 341; docs/facts.md),
 and it also takes FP8 inputs (857-921 TFLOP/s) with one descale per (batch, head). A kernel that is
 not installed or does not run here falls back to the next-best with a one-line notice, never an error.
 The ring merges partial results through the log-sum-exp, which SDPA's public API does not return;
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import AttentionBackend, choices
 from ..errors import FluxDistError
 
 log = logging.getLogger("flux_dist")
 
-BACKENDS = ("auto", "fa3", "cudnn", "flash", "sdpa")
+BACKENDS = choices(AttentionBackend)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # the head sizes the fa3-fwd wheel's kernels are built for
 
