@@ -27,6 +27,10 @@ class ModelConfig:
     cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
     attention: str = "auto"  # auto | fa3 | cudnn | flash | sdpa; a missing kernel falls back with a notice
     attention_fp8: bool = False  # FP8 (E4M3, per-head scales) q/k/v into FA3 (Hopper); bf16 elsewhere
+    text_encoder: str = "auto"  # auto (the model's encoder, cut to the layers FLUX.2 reads) | none (random embeddings)
+    text_encoder_placement: str = "auto"  # auto | every | first | shard | offload (parallel/text_encoder.py)
+    text_encoder_quant: str = "none"  # none | fp8 | fp8-emulate: the encoder's decoder linears (every / first)
+    prompt_cache_mb: float = 0.0  # LRU of prompt embeddings, in MiB; 0 = off
 
 
 @dataclass

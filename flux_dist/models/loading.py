@@ -75,11 +75,14 @@ def _own_aligned_memory_(module: torch.nn.Module) -> None:
                 t.data = t.data.clone()
 
 
-def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Components:
+def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    text_encoder: bool = True) -> Components:
     """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
 
     On an accelerator the weights are read straight onto it (``device_map``), so a 64 GB
-    transformer never takes a detour through host memory.
+    transformer never takes a detour through host memory. ``text_encoder=False`` leaves the encoder
+    unread (``Components.text_encoder`` None; ``models.text_encoders.build_prompt_encoder`` reads only
+    the layers FLUX.2 uses, and only this rank's slices under ``shard``).
     """
     path = os.fspath(path)
     index = _read_model_index(path)
@@ -109,12 +112,16 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     te_cls = Mistral3ForConditionalGeneration if family == "dev" else Qwen3ForCausalLM
-    text_encoder = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
+    te = None
+    if text_encoder:
+        te = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
     if family == "dev":
         tokenizer: Any = PixtralProcessor.from_pretrained(sub("tokenizer"), local_files_only=True)
     else:
         tokenizer = Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), local_files_only=True)
-    for m in (transformer, vae, text_encoder):
+    for m in (transformer, vae, te):
+        if m is None:
+            continue
         m.eval().requires_grad_(False)
         if on_cpu:
             _own_aligned_memory_(m)
@@ -123,7 +130,7 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
         transformer=transformer,
         vae=vae,
         scheduler=scheduler,
-        text_encoder=text_encoder,
+        text_encoder=te,
         tokenizer=tokenizer,
         # [dev] is guidance-distilled (embedded guidance, no true CFG); [klein] says so in its index.
         is_distilled=True if family == "dev" else bool(index.get("is_distilled", False)),
