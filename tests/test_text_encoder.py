@@ -243,3 +243,41 @@ def test_placements_match_every(world: int, tiny_dirs: dict[str, str]) -> None:
             split = every_bytes - repl
             # about 1/N of the layers' matrices (KV projections replicated where KV heads < ranks)
             assert repl + split / world <= shard <= repl + 1.3 * split / world, (model, shard, every_bytes, repl)
+
+
+# -- checkpoints straight into low precision ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_loads_block_by_block_into_fp8(tiny_dirs: dict[str, str], dtype: torch.dtype) -> None:
+    import os
+
+    from diffusers import Flux2Transformer2DModel
+
+    from flux_dist.models.lowmem_load import load_transformer_streaming, phase_memory
+    from flux_dist.models.source import load_model
+    from flux_dist.quant import QuantLinear, quantize_transformer
+
+    folder = os.path.join(tiny_dirs["dev"], "transformer")
+    ref = Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    quantize_transformer(ref, "fp8-emulate")
+    order, high = [], []
+
+    def on_unit(name, tr):  # after each piece: no block is left in high precision
+        order.append(name)
+        high.append(sum(type(m) is torch.nn.Linear and m.weight.device.type != "meta" and ".attn.to_q" in n
+                        for n, m in tr.named_modules()))
+
+    mem: dict = {}
+    with phase_memory(mem, "load", CPU):
+        got = load_transformer_streaming(folder, dtype=dtype, device=CPU, quant="fp8-emulate", on_unit=on_unit)
+    assert mem["load"] > 0 and set(high) == {0}
+    assert order.index("transformer_blocks.0") < order.index("single_transformer_blocks.1")
+    assert sum(isinstance(m, QuantLinear) for m in got.modules()) == quantize_transformer(got, "fp8-emulate") > 0
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert set(ref_sd) == set(got_sd)
+    for k, v in ref_sd.items():
+        assert v.dtype == got_sd[k].dtype and torch.equal(v, got_sd[k]), k
+    # through load_model: a directory with a quant mode is read block by block, the encoder left unread
+    c = load_model(tiny_dirs["dev"], dtype=dtype, device=CPU, quant="fp8-emulate", text_encoder=False)
+    assert c.text_encoder is None and c.tokenizer is not None
+    for k, v in c.transformer.state_dict().items():
+        assert torch.equal(v, ref_sd[k]), k

@@ -76,13 +76,14 @@ def _own_aligned_memory_(module: torch.nn.Module) -> None:
 
 
 def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
-                    text_encoder: bool = True) -> Components:
+                    text_encoder: bool = True, quant: str = "none") -> Components:
     """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
 
     On an accelerator the weights are read straight onto it (``device_map``), so a 64 GB
     transformer never takes a detour through host memory. ``text_encoder=False`` leaves the encoder
     unread (``Components.text_encoder`` None; ``models.text_encoders.build_prompt_encoder`` reads only
-    the layers FLUX.2 uses, and only this rank's slices under ``shard``).
+    the layers FLUX.2 uses, and only this rank's slices under ``shard``). ``quant`` (a resolved mode): a
+    high-precision transformer is read and quantized block by block (``lowmem_load``), never whole.
     """
     path = os.fspath(path)
     index = _read_model_index(path)
@@ -103,6 +104,10 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
 
     if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
         transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
+    elif quant != "none":
+        from .lowmem_load import load_transformer_streaming
+
+        transformer = load_transformer_streaming(sub("transformer"), dtype=dtype, device=device, quant=quant)
     else:
         transformer = Flux2Transformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
