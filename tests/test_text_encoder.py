@@ -102,9 +102,18 @@ def test_placement_resolution_and_errors() -> None:
         check_placement("shard", 64, shape)
     check_placement("first", 3, shape)
     c = build_preset("flux2-klein-tiny")  # 4 heads, 2 KV heads
+    for t in (c.text_encoder, build_preset("flux2-tiny").text_encoder):
+        s = te.TextShape.of(t.config)
+        assert (s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) == (4, 2, 64)
     with pytest.raises(FluxDistError, match="cannot split this text encoder over 3 ranks"):
         te.check_text_encoder_options("flux2-klein-tiny", "klein", mode="auto", placement="shard", quant="none",
                                       device=CPU, world=3, whole=c.text_encoder)
+    with pytest.raises(FluxDistError, match="over 8 ranks"):  # before anything is built
+        te.check_text_encoder_options("flux2-tiny", "dev", mode="auto", placement="shard", quant="none",
+                                      device=CPU, world=8)
+    te.check_text_encoder_options("flux2-tiny", "dev", mode="none", placement="shard", quant="none", device=CPU,
+                                  world=8)  # random embeddings: no encoder to split
+    assert te.family_of("flux2-klein-9b") == "klein" and te.family_of("flux2-tiny") == "dev"
     with pytest.raises(FluxDistError, match="unknown --text-encoder 'yes'"):
         te.check_text_encoder_options("flux2-dev", "dev", mode="yes", placement="auto", quant="none", device=CPU,
                                       world=1)

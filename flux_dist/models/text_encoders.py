@@ -488,6 +488,28 @@ def encoder_spec(model: str, family: str, seed: int, whole: nn.Module | None = N
     raise FluxDistError(f"'{model}': no text encoder to build (not a full-size preset, no directory, no module)")
 
 
+# The tiny presets' encoder shape (presets._tiny_mistral3 / _tiny_qwen3), for checks before they are built.
+TINY_TEXT_SHAPE = TextShape(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                            num_hidden_layers=31, hidden_size=32)
+
+
+def family_of(model: str) -> str:
+    """``dev`` or ``klein`` for a preset name or a diffusers-format directory, without loading weights."""
+    if model in ("flux2-dev", "flux2-tiny"):
+        return "dev"
+    if model.startswith("flux2-klein"):
+        return "klein"
+    from .loading import PIPELINE_FAMILIES, _read_model_index
+
+    try:
+        cls = _read_model_index(model).get("_class_name")
+    except (FileNotFoundError, ValueError) as e:
+        raise FluxDistError(f"cannot read model '{model}': {e}") from e
+    if cls not in PIPELINE_FAMILIES:
+        raise FluxDistError(f"'{model}': model_index.json _class_name {cls!r} is not a FLUX.2 pipeline")
+    return PIPELINE_FAMILIES[cls]
+
+
 def check_text_encoder_options(model: str, family: str, *, mode: str, placement: str, quant: str,
                                device: torch.device, world: int, seed: int = 0,
                                whole: nn.Module | None = None) -> str:
@@ -504,7 +526,8 @@ def check_text_encoder_options(model: str, family: str, *, mode: str, placement:
         raise FluxDistError(f"--text-encoder-quant {quant} runs with placements every and first, not {resolved}")
     if mode == "none":
         return resolved
-    check_placement(resolved, world, encoder_spec(model, family, seed, whole).shape)
+    tiny = whole is None and model in ("flux2-tiny", "flux2-klein-tiny")
+    check_placement(resolved, world, TINY_TEXT_SHAPE if tiny else encoder_spec(model, family, seed, whole).shape)
     return resolved
 
 
