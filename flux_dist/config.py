@@ -18,6 +18,9 @@ QuantMode = Literal["none", "fp8", "nvfp4", "nvfp4-emulate", "fp8-emulate", "aut
 AttentionBackend = Literal["auto", "fa3", "cudnn", "flash", "sdpa"]
 CacheMode = Literal["none", "teacache", "fbcache", "calibrate"]  # calibrate: compute every step, record pairs
 CheckpointFormat = Literal["flux-dist", "modelopt"]
+TextEncoderMode = Literal["auto", "none"]  # none: seeded random prompt embeddings (transformer-only benchmarks)
+TextEncoderPlacement = Literal["auto", "every", "first", "shard", "offload"]
+TextEncoderQuant = Literal["none", "fp8", "fp8-emulate"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -40,6 +43,10 @@ class ModelConfig:
     cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
     attention: AttentionBackend = "auto"  # a missing kernel falls back with a notice
     attention_fp8: bool = False  # FP8 (E4M3, per-head scales) q/k/v into FA3 (Hopper); bf16 elsewhere
+    text_encoder: TextEncoderMode = "auto"  # auto: the model's encoder, cut to the layers FLUX.2 reads
+    text_encoder_placement: TextEncoderPlacement = "auto"  # where the encoder runs (parallel/text_encoder.py)
+    text_encoder_quant: TextEncoderQuant = "none"  # the encoder's decoder linears (every / first)
+    prompt_cache_mb: float = 0.0  # LRU of prompt embeddings, in MiB; 0 = off
 
 
 @dataclass

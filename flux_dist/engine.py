@@ -22,11 +22,12 @@ from .cache import make_cache, resolve_coefficients
 from .config import RequestConfig, RunConfig
 from .devices import parse_dtype, peak_memory_gib
 from .graphs import GraphedStack
-from .models import adapter_for
+from .models import adapter_for, attach_text_encoder, check_text_encoder
+from .models.lowmem_load import phase_memory
 from .models.source import load_model
 from .parallel import kernels
 from .parallel.attention import AttnContext
-from .parallel.cfg import branch_prompts, cfg_parallel_combine, guided
+from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
 from .validation import check_cfg_parallel, check_device, check_request, check_run
@@ -55,11 +56,15 @@ class Engine:
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
+        check_text_encoder(m, dev, self.dist.world_size)
         if m.compile:
             compile_mod.enable_cache(m.compile_cache_dir)  # before anything asks inductor for its dir
-        t0 = time.perf_counter()
-        self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant)  # load
-        self.model = adapter_for(self.c, dev)
+        t0, self.memory = time.perf_counter(), {}
+        with phase_memory(self.memory, "load", dev):  # a directory's whole encoder is never read
+            self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant,
+                                text_encoder=False)
+            self.model = adapter_for(self.c, dev)
+            attach_text_encoder(self.model, m, dev, self.dtype, self.dist.rank, self.dist.world_size)
         self.true_cfg = self.model.true_cfg
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
         self.coefficients = resolve_coefficients(cfg.cache, self.model.teacache_coefficients, self.model.name)
@@ -93,12 +98,13 @@ class Engine:
         """One request on every rank. ``control(step)``, if given, runs at each step boundary on every
         rank (a request's deadline or cancellation raises there, on every rank at the same step)."""
         self.validate(req)
-        mesh, model, t = self.mesh, self.model, {"start": time.perf_counter()}
+        mesh, model, t, mem, dev = self.mesh, self.model, {"start": time.perf_counter()}, {}, self.dist.device
         do_cfg = self.true_cfg and req.guidance > 1.0
 
-        # 1. encode: the cfg rank 1 branch is the negative prompt when CFG is split across ranks.
-        prompts = branch_prompts(req.prompt, req.negative_prompt, do_cfg, mesh)
-        enc = [model.encode(p, req.max_sequence_length, req.seed, self.dtype) for p in prompts]
+        # 1. encode (the same prompts on every rank); cfg rank 1 keeps the negative branch under CFG parallel.
+        with phase_memory(mem, "encode", dev):
+            texts = [req.prompt, req.negative_prompt] if do_cfg else [req.prompt]
+            enc = my_branches(model.encode(texts, req.max_sequence_length, req.seed, self.dtype), mesh)
         t["text"] = self._sync()
 
         # 2. noise and schedule; 3. this rank's shards.
@@ -115,14 +121,16 @@ class Engine:
         # 4. denoise.
         cache = make_cache(self.cfg.cache, mesh, plan, req.steps, self.coefficients,
                            model.cache_hooks(self.stack, self.fns))
-        x, step_ms = self._denoise(x, timesteps, sigmas, branches, cache, req, do_cfg, control)
+        with phase_memory(mem, "denoise", dev):
+            x, step_ms = self._denoise(x, timesteps, sigmas, branches, cache, req, do_cfg, control)
         t["denoise"] = time.perf_counter()
 
         # 5. gather; 6. decode (rank 0 decodes; the others only hold the latents).
-        full = gather_image(x, plan, mesh.sp_group).contiguous()
-        image = self.decode(full, img_ids) if decode and self.dist.is_main else None
+        with phase_memory(mem, "decode", dev):
+            full = gather_image(x, plan, mesh.sp_group).contiguous()
+            image = self.decode(full, img_ids) if decode and self.dist.is_main else None
         t["end"] = self._sync()
-        return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg))
+        return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg, mem))
 
     def _denoise(self, x, timesteps, sigmas, branches, cache, req, do_cfg, control) -> tuple[torch.Tensor, list]:
         mesh, model, fns = self.mesh, self.model, self.fns
@@ -149,7 +157,7 @@ class Engine:
             step_ms.append((time.perf_counter() - t0) * 1e3)
         return x, step_ms
 
-    def _metrics(self, req, plan, t, step_ms, cache, do_cfg) -> dict:
+    def _metrics(self, req, plan, t, step_ms, cache, do_cfg, mem) -> dict:
         m = self.cfg.model
         cache_summary = cache.summary() if cache else None
         out = {
@@ -167,6 +175,8 @@ class Engine:
             "total_s": round(t["end"] - t["start"], 4),
             "step_ms": [round(v, 3) for v in step_ms],
             "peak_memory_gib": round(peak_memory_gib(self.dist.device), 3),
+            "peak_memory_gib_by_phase": {**self.memory, **mem},
+            "text": self.model.text_metrics(),
         }
         if cache_summary:
             out["cache"] = cache_summary

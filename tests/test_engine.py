@@ -158,3 +158,33 @@ def test_cuda_graphs_refused_before_the_model_loads(monkeypatch):
     cfg.model = dataclasses.replace(cfg.model, cuda_graphs=True)
     with pytest.raises(NotSupportedError, match="needs a CUDA device"):
         Engine(cfg)
+
+
+def _placements(rank: int, world: int, jobs):
+    out = []
+    for model, u, c, placement in jobs:
+        cfg = make_cfg(model, ulysses=u, cfg=c, **EVEN)
+        cfg.model = dataclasses.replace(cfg.model, text_encoder_placement=placement, prompt_cache_mb=8.0)
+        eng = Engine(cfg)
+        first = eng.generate(eng.cfg.request, decode=False)
+        again = eng.generate(eng.cfg.request, decode=False)  # a prompt-cache hit: the encoder is skipped
+        out.append((first.latents, again.latents, first.metrics["text"], again.metrics["text"]))
+    return out
+
+
+def test_text_encoder_placements_give_the_every_image():
+    """first / shard / offload (= first on CPU) on 2 ranks equal the 1-process image; a cache hit too."""
+    jobs = [(m, u, c, p) for m, u, c in (("flux2-tiny", 2, 1), ("flux2-klein-tiny", 1, 2))
+            for p in ("first", "shard", "offload")]
+    results = run_distributed(_placements, 2, jobs, timeout=600)
+    for rank, rank_out in enumerate(results):
+        for (model, _, _, placement), (lat, again, m1, m2) in zip(jobs, rank_out, strict=True):
+            assert rel(lat, reference(model, EVEN)) < REL, (model, placement)
+            assert torch.equal(lat, again)
+            assert m1["placement"] == ("first" if placement == "offload" else placement)
+            assert m1["prompt_cache"]["misses"] == 1 and m2["prompt_cache"]["hits"] == 1
+            if placement != "shard" and rank == 1:
+                assert m1["text_encoder_bytes"] == 0  # only rank 0 holds the encoder
+    shard_bytes = [r[1][2]["text_encoder_bytes"] for r in results]  # flux2-tiny, shard, per rank
+    first_bytes = results[0][0][2]["text_encoder_bytes"]  # flux2-tiny, first: the whole cut encoder on rank 0
+    assert all(b < 0.75 * first_bytes for b in shard_bytes), (shard_bytes, first_bytes)

@@ -53,6 +53,23 @@ FULL_TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=2000,
         guidance_embeds=False,
     ),
+    # FLUX.2 [klein] 9B (Qwen3-8B encoder: 3 x 4096 = 12288). Its diffusers transformer config as
+    # quoted by several independent FLUX.2 ports (e.g. an embedded config.json with
+    # "_diffusers_version": "0.37.0.dev0"; VincentGourbin/flux-2-swift-mlx Flux2Config.swift).
+    "flux2-klein-9b": dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=8,
+        num_single_layers=24,
+        attention_head_dim=128,
+        num_attention_heads=32,
+        joint_attention_dim=12288,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ),
 }
 
 

@@ -76,11 +76,15 @@ def _own_aligned_memory_(module: torch.nn.Module) -> None:
                 t.data = t.data.clone()
 
 
-def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Components:
+def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    text_encoder: bool = True, quant: str = "none") -> Components:
     """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
 
     On an accelerator the weights are read straight onto it (``device_map``), so a 64 GB
-    transformer never takes a detour through host memory.
+    transformer never takes a detour through host memory. ``text_encoder=False`` leaves the encoder
+    unread (``Components.text_encoder`` None; ``models.text_encoder.build_prompt_encoder`` reads only
+    the layers FLUX.2 uses, and only this rank's slices under ``shard``). ``quant`` (a resolved mode): a
+    high-precision transformer is read and quantized block by block (``lowmem_load``), never whole.
     """
     path = os.fspath(path)
     index = _read_model_index(path)
@@ -101,6 +105,10 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
 
     if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
         transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
+    elif quant != "none":
+        from .lowmem_load import load_transformer_streaming
+
+        transformer = load_transformer_streaming(sub("transformer"), dtype=dtype, device=device, quant=quant)
     else:
         transformer = Flux2Transformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
@@ -110,12 +118,16 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     te_cls = Mistral3ForConditionalGeneration if family == "dev" else Qwen3ForCausalLM
-    text_encoder = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
+    te = None
+    if text_encoder:
+        te = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
     if family == "dev":
         tokenizer: Any = PixtralProcessor.from_pretrained(sub("tokenizer"), local_files_only=True)
     else:
         tokenizer = Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), local_files_only=True)
-    for m in (transformer, vae, text_encoder):
+    for m in (transformer, vae, te):
+        if m is None:
+            continue
         m.eval().requires_grad_(False)
         if on_cpu:
             _own_aligned_memory_(m)
@@ -124,7 +136,7 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
         transformer=transformer,
         vae=vae,
         scheduler=scheduler,
-        text_encoder=text_encoder,
+        text_encoder=te,
         tokenizer=tokenizer,
         # [dev] is guidance-distilled (embedded guidance, no true CFG); [klein] says so in its index.
         is_distilled=True if family == "dev" else bool(index.get("is_distilled", False)),

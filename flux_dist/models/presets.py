@@ -29,7 +29,7 @@ from .flux2.quant_plan import quantize_transformer
 from .full import FULL_TRANSFORMER_CONFIGS, _build_full
 from .tiny import _build_tiny
 
-PRESETS: tuple[str, ...] = ("flux2-tiny", "flux2-klein-tiny", "flux2-dev", "flux2-klein-4b")
+PRESETS: tuple[str, ...] = ("flux2-tiny", "flux2-klein-tiny", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b")
 
 
 def _cast_like_from_pretrained_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

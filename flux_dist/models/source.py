@@ -12,13 +12,15 @@ from .presets import PRESETS, Components, build_preset
 
 
 def load_model(
-    model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0, quant: str = "none"
+    model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0, quant: str = "none",
+    text_encoder: bool = True,
 ) -> Components:
     """A preset by name, else a local directory; anything else is a clear error (never a hub lookup).
 
     The transformer comes back quantized in ``quant`` (a mode from ``quant.resolve_mode``): full-size
     presets block by block as they are built (FLUX.2 [dev] in FP8 fits one 80 GB GPU), tiny presets
-    and directories after loading (a directory saved quantized keeps its QuantLinear layers).
+    and directories block by block as they are read (a directory saved quantized keeps its QuantLinear
+    layers). ``text_encoder=False``: a directory's encoder is not read (``build_prompt_encoder`` does it).
     """
     if model in PRESETS:
         return build_preset(model, dtype=dtype, device=device, seed=seed, quant=quant)
@@ -26,7 +28,7 @@ def load_model(
         from .loading import load_pretrained
 
         try:
-            c = load_pretrained(model, dtype=dtype, device=device)
+            c = load_pretrained(model, dtype=dtype, device=device, quant=quant, text_encoder=text_encoder)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise FluxDistError(f"cannot load model directory '{model}': {e}") from e
         quantize_transformer(c.transformer, quant)

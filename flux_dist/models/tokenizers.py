@@ -155,20 +155,35 @@ def train_bpe(
     return dict(vocab), list(merges)
 
 
-def _byte_level_tokenizer(special_tokens: tuple[str, ...]) -> Tokenizer:
+def _padded(vocab: dict[str, int], pad_vocab_to: int | None) -> dict[str, int]:
+    """The trained vocab plus never-produced entries up to ``pad_vocab_to`` ids (no merge builds them), so
+    a tokenizer of a full-size encoder has the encoder's vocabulary size; encoding is unchanged."""
+    if pad_vocab_to is None or pad_vocab_to <= len(vocab):
+        return vocab
+    out = dict(vocab)
+    base = max(vocab.values()) + 1
+    for i in range(pad_vocab_to - base):
+        out[f"<|unused_{i}|>"] = base + i
+    return out
+
+
+def _byte_level_tokenizer(special_tokens: tuple[str, ...], pad_vocab_to: int | None = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` over the trained vocab with the specials matched whole."""
     vocab, merges = train_bpe(special_tokens)
+    vocab = _padded(vocab, pad_vocab_to)
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
     _byte_level_pipeline_(tok)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return tok
 
 
-def build_qwen_tokenizer() -> Qwen2TokenizerFast:
-    """Tokenizer for the tiny [klein] preset, the class ``Flux2KleinPipeline`` declares."""
+def build_qwen_tokenizer(pad_vocab_to: int | None = None) -> Qwen2TokenizerFast:
+    """Tokenizer for the tiny [klein] preset, the class ``Flux2KleinPipeline`` declares (``pad_vocab_to``:
+    the vocabulary size of a full-size encoder, see ``_padded``)."""
     from transformers import Qwen2TokenizerFast
 
     vocab, merges = train_bpe(QWEN_SPECIAL_TOKENS)
+    vocab = _padded(vocab, pad_vocab_to)
     tok = Qwen2TokenizerFast(
         vocab=vocab,
         merges=merges,
@@ -185,7 +200,8 @@ def build_qwen_tokenizer() -> Qwen2TokenizerFast:
     return tok
 
 
-def build_mistral_processor(*, patch_size: int, image_size: int, spatial_merge_size: int) -> PixtralProcessor:
+def build_mistral_processor(*, patch_size: int, image_size: int, spatial_merge_size: int,
+                            pad_vocab_to: int | None = None) -> PixtralProcessor:
     """Processor for the tiny [dev] preset: a fast BPE tokenizer plus a Pixtral image processor.
 
     ``patch_size`` / ``image_size`` / ``spatial_merge_size`` must match the tiny vision tower so that
@@ -194,7 +210,7 @@ def build_mistral_processor(*, patch_size: int, image_size: int, spatial_merge_s
     from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_byte_level_tokenizer(MISTRAL_SPECIAL_TOKENS),
+        tokenizer_object=_byte_level_tokenizer(MISTRAL_SPECIAL_TOKENS, pad_vocab_to),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",

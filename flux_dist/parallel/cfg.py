@@ -20,10 +20,8 @@ def cfg_parallel_combine(pred: torch.Tensor, mesh: Mesh, scale: float) -> torch.
     return guided(cond, uncond, scale)
 
 
-def branch_prompts(prompt: str, negative: str, do_cfg: bool, mesh: Mesh) -> list[str]:
-    """The prompts this rank encodes: the cond branch, and the uncond one unless cfg rank 1 holds it."""
-    if not do_cfg:
-        return [prompt]
-    if mesh.dims.cfg > 1:
-        return [negative] if mesh.cfg_rank == 1 else [prompt]
-    return [prompt, negative]
+def my_branches(branches: list, mesh: Mesh) -> list:
+    """This rank's guidance branches of ``[cond, uncond]``: both, or the one its cfg rank holds."""
+    if len(branches) == 2 and mesh.dims.cfg > 1:
+        return [branches[mesh.cfg_rank]]
+    return branches

@@ -42,7 +42,7 @@ class Flux2Adapter:
         self.true_cfg = c.family == "klein" and not c.is_distilled
         self.image_multiple = max(16, 2 * pipeline.vae_scale(c))  # pixels per token side, at least 16
         self.teacache_coefficients = list(FLUX2_DEV_TEACACHE) if c.family == "dev" else None
-        self.text_encoder_label = "random-embeddings" if c.text_encoder is None else type(c.text_encoder).__name__
+        self.prompt_encoder: Any = None  # the cut encoder at its placement (models.attach_text_encoder)
 
     # -- build steps ------------------------------------------------------------------------------
     def quantize(self, mode: str) -> int:
@@ -59,11 +59,26 @@ class Flux2Adapter:
         return CacheHooks(signal=fns.signal, change=fns.change, stack=stack, first_block=step.first_block,
                           rest=step.rest_blocks)
 
+    @property
+    def text_encoder_label(self) -> str:
+        enc = self.prompt_encoder.encoder if self.prompt_encoder is not None else self.c.text_encoder
+        if self.prompt_encoder is None and enc is None:
+            return "random-embeddings"
+        return type(enc).__name__ if enc is not None else "elsewhere"  # first / offload: rank 0 holds it
+
+    def text_metrics(self) -> dict:
+        return self.prompt_encoder.metrics() if self.prompt_encoder is not None else {"placement": "none"}
+
     # -- the request ------------------------------------------------------------------------------
-    def encode(self, prompt: str, max_len: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings ``[1, T, joint_dim]`` and their position ids, identical on every rank."""
-        emb = pipeline.encode_prompt(self.c, prompt, max_len, seed, self.device, dtype)
-        return emb, pipeline.text_ids(emb)
+    def encode(self, prompts: list[str], max_len: int, seed: int,
+               dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prompt embeddings ``[1, T, joint_dim]`` and their position ids, identical on every rank (every
+        rank passes the same prompts: the placements other than ``every`` are collectives)."""
+        if self.prompt_encoder is not None:
+            embs = self.prompt_encoder.encode(prompts, max_len)
+        else:  # seeded random embeddings (text_encoder: none), or a whole encoder kept by the caller
+            embs = [pipeline.encode_prompt(self.c, p, max_len, seed, self.device, dtype) for p in prompts]
+        return [(e, pipeline.text_ids(e)) for e in embs]
 
     def noise(self, height: int, width: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline.noise(self.c, height, width, seed, self.device, dtype)
