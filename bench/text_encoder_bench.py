@@ -4,7 +4,7 @@
                                                                   # bit-identity; FP8 encoder error and time
   python3 bench/text_encoder_bench.py load OUT.json DIR           # full-size [klein] 4B transformer saved bf16 to
                                                                   # DIR, loaded back bf16 -> FP8 block by block
-  python3 bench/text_encoder_bench.py pipeline OUT.json CAP_GIB STEPS [PLACEMENT]
+  python3 bench/text_encoder_bench.py pipeline OUT.json CAP_GIB STEPS,... [PLACEMENT]
                                                                   # the engine, [dev] + real encoder, --quant fp8,
                                                                   # 1024x1024, under a memory cap (0 = none);
                                                                   # needs the engine wiring of PromptEncoder
@@ -99,7 +99,7 @@ def load(out: str, folder: str) -> None:
 
     from flux_dist.models.lowmem_load import load_transformer_streaming
     from flux_dist.models.presets import build_preset
-    from flux_dist.quant import quantize_transformer
+    from flux_dist.models.flux2 import quantize_transformer
 
     res: dict = {"device": torch.cuda.get_device_name(DEV), "model": "flux2-klein-4b transformer"}
     c = build_preset("flux2-klein-4b", dtype=BF16, device=DEV, seed=0)
@@ -128,7 +128,7 @@ def load(out: str, folder: str) -> None:
         json.dump(res, f, indent=1)
 
 
-def pipeline(out: str, cap_gib: float, steps: int, placement: str = "every") -> None:
+def pipeline(out: str, cap_gib: float, steps_list: str, placement: str = "every") -> None:
     import dataclasses
 
     from flux_dist import Engine, load_config
@@ -144,13 +144,15 @@ def pipeline(out: str, cap_gib: float, steps: int, placement: str = "every") -> 
     load_s = time.perf_counter() - t0
     res: dict = {"device": torch.cuda.get_device_name(DEV), "cap_gib": cap_gib, "load_s": round(load_s, 2),
                  "after_load_gib": gib(torch.cuda.memory_allocated(DEV))}
-    req = dataclasses.replace(cfg.request, prompt=PROMPT, height=1024, width=1024, steps=steps, guidance=4.0,
-                              max_sequence_length=512)
-    r = eng.generate(req)
-    res["metrics"] = r.metrics
-    log(json.dumps({k: v for k, v in r.metrics.items() if k != "step_ms"}))
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    for steps in (int(s) for s in steps_list.split(",")):  # one engine, one request per step count
+        req = dataclasses.replace(cfg.request, prompt=PROMPT, height=1024, width=1024, steps=steps, guidance=4.0,
+                                  max_sequence_length=512)
+        torch.cuda.reset_peak_memory_stats(DEV)
+        r = eng.generate(req)
+        res[f"steps_{steps}"] = r.metrics
+        log(json.dumps({k: v for k, v in r.metrics.items() if k != "step_ms"}))
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
@@ -160,6 +162,6 @@ if __name__ == "__main__":
     elif what == "load":
         load(sys.argv[2], sys.argv[3])
     elif what == "pipeline":
-        pipeline(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), *(sys.argv[5:6]))
+        pipeline(sys.argv[2], float(sys.argv[3]), sys.argv[4], *(sys.argv[5:6]))
     else:
         raise SystemExit(__doc__)
