@@ -23,7 +23,7 @@ from .server.protocol import request_fields
 log = logging.getLogger("flux_dist")
 
 LINE_FIELDS = {"prompt", "negative_prompt", "seed", "size", "height", "width", "steps", "num_inference_steps",
-               "guidance", "guidance_scale"}
+               "guidance", "guidance_scale", "lora"}
 EXIT_SOME_FAILED = 3
 
 
@@ -31,8 +31,9 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
     """``(line number, request fields)`` per request line, or ``(line number, error message)``.
 
     Plain text: one prompt a line. JSONL: one object a line with ``prompt`` and optionally ``seed``,
-    ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``. Blank lines and
-    lines starting with ``#`` are skipped in both.
+    ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``, ``lora``
+    (``{"NAME": scale}`` of adapters loaded at start; replaces the ``--lora`` default, ``{}`` for none).
+    Blank lines and lines starting with ``#`` are skipped in both.
     """
     out: list[tuple[int, dict[str, Any] | str]] = []
     for no, line in enumerate(text.splitlines(), start=1):
@@ -50,7 +51,12 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
             if unknown:
                 raise FluxDistError(f"unknown field(s) {', '.join(map(repr, unknown))} "
                                     f"(known: {', '.join(sorted(LINE_FIELDS))})")
-            out.append((no, request_fields(obj, true_cfg=true_cfg)))
+            fields = request_fields(obj, true_cfg=true_cfg)
+            if "lora" in obj:  # names and scales are checked against the loaded adapters (Engine.validate)
+                if not isinstance(obj["lora"], dict):
+                    raise FluxDistError(f"'lora' must be an object of adapter name -> scale, got {obj['lora']!r}")
+                fields["lora"] = obj["lora"]
+            out.append((no, fields))
         except json.JSONDecodeError as e:
             out.append((no, f"not valid JSON: {e}"))
         except FluxDistError as e:
@@ -114,7 +120,7 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             manifest["images"].append({
                 "line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
                 "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
-                "guidance": req.guidance, "time_s": round(time.perf_counter() - t0, 4),
+                "guidance": req.guidance, "lora": req.lora, "time_s": round(time.perf_counter() - t0, 4),
                 "denoise_s": res.metrics.get("denoise_s"),
                 "cache_skipped_steps": res.metrics.get("cache_skipped_steps", 0),
             })

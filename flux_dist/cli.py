@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CheckpointFormat, RunConfig, choices, load_config, to_dict
+from .config import CheckpointFormat, RunConfig, add_lora_specs, choices, load_config, to_dict
 from .errors import FluxDistError
 from .validation import check_request, check_run
 
@@ -60,11 +60,16 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         dest = key.replace(".", "__")
         kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
         p.add_argument(flag, **kind, default=None, dest=dest, help=f"overrides {key}")
+    p.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]",
+                   help="load a LoRA adapter at start (repeatable; NAME defaults to the file's stem) and apply it to "
+                   "the request at SCALE (default 1.0); batch lines pick with 'lora': {NAME: scale}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {key: getattr(args, key.replace(".", "__")) for key, _ in FLAGS.values()}
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    add_lora_specs(cfg, getattr(args, "lora", None))
+    return cfg
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

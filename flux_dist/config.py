@@ -47,6 +47,7 @@ class ModelConfig:
     text_encoder_placement: TextEncoderPlacement = "auto"  # where the encoder runs (parallel/text_encoder.py)
     text_encoder_quant: TextEncoderQuant = "none"  # the encoder's decoder linears (every / first)
     prompt_cache_mb: float = 0.0  # LRU of prompt embeddings, in MiB; 0 = off
+    lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> safetensors path
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RequestConfig:
     guidance: float = 4.0
     seed: int = 0
     max_sequence_length: int = 512
+    lora: dict[str, float] = field(default_factory=dict)  # adapters of model.lora this request applies: name -> scale
 
 
 @dataclass
@@ -125,6 +127,33 @@ def _fill(obj: Any, data: dict, where: str) -> None:
             _fill(cur, value, f"{where}.{k}" if where else k)
         else:
             setattr(obj, k, value)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, str, float]:
+    """``--lora [NAME=]PATH[:SCALE]`` -> ``(name, path, scale)``; name: the file's stem by default; scale: 1."""
+    name, sep, rest = spec.partition("=")
+    if not sep or "/" in name or not name:
+        name, rest = "", spec
+    path, scale = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and "/" not in tail:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            raise FluxDistError(f"--lora {spec!r}: scale {tail!r} is not a number ([NAME=]PATH[:SCALE])") from None
+    if not path:
+        raise FluxDistError(f"--lora {spec!r}: no path ([NAME=]PATH[:SCALE])")
+    return name or Path(path.rstrip("/")).stem, path, scale
+
+
+def add_lora_specs(cfg: RunConfig, specs: list[str] | None) -> None:
+    """Load each ``--lora`` adapter at start and apply it, at its scale, to the default request."""
+    for spec in specs or []:
+        name, path, scale = parse_lora_spec(spec)
+        if name in cfg.model.lora:
+            raise FluxDistError(f"--lora: adapter name {name!r} given twice (name them: --lora NAME=PATH[:SCALE])")
+        cfg.model.lora = {**cfg.model.lora, name: path}
+        cfg.request.lora = {**cfg.request.lora, name: scale}
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

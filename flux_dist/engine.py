@@ -30,7 +30,7 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_request, check_run
+from .validation import check_cfg_parallel, check_device, check_lora, check_request, check_run
 
 log = logging.getLogger("flux_dist")
 
@@ -72,6 +72,7 @@ class Engine:
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)
         self.ctx = AttnContext(self.mesh, kernel=kernel)
         self.model.parallelize(self.ctx)  # parallelize
+        self.lora = self.model.load_lora(m.lora, self.dtype)  # LoRA bank: every adapter, unmerged (None: none given)
         self.fns = self.model.step_fns
         if m.compile:  # compile: each block, and the step's work outside them (all a skipped cache step runs)
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
@@ -79,14 +80,20 @@ class Engine:
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
         self._plans: dict[tuple[int, int], ShardPlan] = {}
         self.load_s = time.perf_counter() - t0
-        log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s", self.model.name,
-                 self.quant, n_quant, kernel.label, m.compile, self.mesh.describe())
+        log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s, LoRA %s", self.model.name,
+                 self.quant, n_quant, kernel.label, m.compile, self.mesh.describe(), self.lora_adapters or "none")
         if self.model.text_encoder_label == "random-embeddings":
             log.warning("model '%s' has no text encoder here: prompts become seeded random embeddings "
                         "(benchmark shapes, not images)", self.model.name)
 
     def validate(self, req: RequestConfig) -> None:
         check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
+        check_lora(req.lora, self.lora.names if self.lora else ())
+
+    @property
+    def lora_adapters(self) -> list[dict]:
+        """The adapters loaded at start (name, path, ranks, modules): what a request may select."""
+        return self.lora.describe() if self.lora else []
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)
@@ -98,6 +105,8 @@ class Engine:
         """One request on every rank. ``control(step)``, if given, runs at each step boundary on every
         rank (a request's deadline or cancellation raises there, on every rank at the same step)."""
         self.validate(req)
+        if self.lora:  # this request's adapters and scales: data in place, never a new graph
+            self.lora.select(req.lora)
         mesh, model, t, mem, dev = self.mesh, self.model, {"start": time.perf_counter()}, {}, self.dist.device
         do_cfg = self.true_cfg and req.guidance > 1.0
 
@@ -165,7 +174,8 @@ class Engine:
             "device": str(self.dist.device), "dtype": m.dtype, "quant": self.quant,
             "attention": self.ctx.kernel.label, "compile": m.compile, "cuda_graphs": m.cuda_graphs,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
-                        "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg},
+                        "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg,
+                        "lora": dict(req.lora or {})},
             "tokens": {"text": plan.txt_len, "image": plan.img_len, "per_rank": plan.local_len,
                        "padded": plan.padded},
             "load_s": round(self.load_s, 3),

@@ -28,6 +28,7 @@ def check_run(cfg: RunConfig) -> None:
     _one_of(cfg.model.quant, QuantMode, "quantization")
     _one_of(cfg.model.attention, AttentionBackend, "attention kernel")
     check_cache(cfg)
+    check_lora_config(cfg)
     if cfg.model.cuda_graphs and cfg.cache.mode == "fbcache":
         raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
 
@@ -70,6 +71,34 @@ def check_request(req: RequestConfig, lim: LimitsConfig, multiple: int = 16) -> 
         raise FluxDistError(f"max_sequence_length must be in 1..4096, got {req.max_sequence_length!r}")
     if not isinstance(req.negative_prompt, str):
         raise FluxDistError("negative_prompt must be a string")
+
+
+MAX_LORA_SCALE = 10.0  # |scale| above this is a typo, not a style strength
+
+
+def check_lora_config(cfg: RunConfig) -> None:
+    """``model.lora`` (name -> path, loaded at start) and the default request's choice among them."""
+    lora = cfg.model.lora
+    if not isinstance(lora, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                             for k, v in lora.items()):
+        raise FluxDistError(f"model.lora must map adapter names to LoRA file paths, got {lora!r}")
+    check_lora(cfg.request.lora, tuple(lora))
+
+
+def check_lora(chosen: Any, loaded: tuple[str, ...] | list[str]) -> None:
+    """A request's ``lora: {name: scale}``: names of adapters loaded at start, finite scales."""
+    if chosen is None:
+        return
+    if not isinstance(chosen, dict):
+        raise FluxDistError(f"lora must be an object of adapter name -> scale, got {type(chosen).__name__}")
+    for name, scale in chosen.items():
+        if name not in loaded:
+            have = f"loaded: {', '.join(loaded)}" if loaded else "none was loaded at start: --lora NAME=PATH"
+            raise FluxDistError(f"unknown LoRA adapter {name!r} ({have})")
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale) \
+                or abs(scale) > MAX_LORA_SCALE:
+            raise FluxDistError(f"LoRA {name!r}: scale must be a finite number in "
+                                f"-{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}, got {scale!r}")
 
 
 def check_cfg_parallel(cfg_degree: int, true_cfg: bool, model: str) -> None:

@@ -16,7 +16,7 @@ from ...cache import CacheHooks
 from ...parallel.attention import AttnContext
 from ...stack import BlockStack
 from ..components import Components
-from . import pipeline, step
+from . import lora, pipeline, step
 from .attention import fuse_qkv, parallelize, split_for_overlap, split_out
 from .quant_plan import QUANTIZED, load_quantized, quantize_block, quantize_transformer
 from .step import EAGER, StepFns, StepInputs, forward, image_stack, modulations, prepare
@@ -50,6 +50,10 @@ class Flux2Adapter:
 
     def parallelize(self, ctx: AttnContext) -> None:
         parallelize(self.tr, ctx)
+
+    def load_lora(self, adapters: dict[str, str], dtype: torch.dtype) -> Any:
+        """Attach every ``{name: path}`` LoRA to the parallelized transformer (a ``lora.LoraBank``, or None)."""
+        return lora.load_lora(self.tr, adapters, dtype, self.device)
 
     def blocks(self) -> list[torch.nn.Module]:
         """The repeated blocks, each compiled as one region."""
