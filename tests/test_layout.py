@@ -55,13 +55,21 @@ def test_torch_free_config_and_validation():
 
 
 def test_lower_layers_know_no_model_cache_or_engine():
-    lower = _files("devices", "distributed", "faults", "sampling", "stack", "compile", "graphs", "parallel", "quant")
+    lower = _files("devices", "distributed", "faults", "sampling", "stack", "compile", "graphs", "parallel", "quant",
+                   "lora")
     assert _offenders(lower, ("flux_dist.models", "flux_dist.cache", "flux_dist.engine", *FRONT_ENDS)) == []
 
 
 def test_quant_knows_no_diffusers_and_no_flux2():
     files = _files("quant")
     assert _offenders(files, ("diffusers", "flux_dist.parallel")) == []
+    for f in files:
+        assert "Flux2" not in f.read_text() and "transformer_blocks" not in f.read_text(), f
+
+
+def test_lora_knows_no_diffusers_no_flux2_no_quant():
+    files = _files("lora")
+    assert _offenders(files, ("diffusers", "peft", "flux_dist.parallel", "flux_dist.quant")) == []
     for f in files:
         assert "Flux2" not in f.read_text() and "transformer_blocks" not in f.read_text(), f
 
