@@ -150,9 +150,10 @@ def _check(results, jobs, loras):
 
 
 # Ulysses splits the single blocks' fused projection (rows) and to_out (columns); FP8 fuses q/k/v and splits
-# to_out in every layout: each takes its slices of the adapter.
+# to_out in every layout: each takes its slices of the adapter (the base weights stay quantized).
 JOBS_2 = [("flux2-tiny", 2, 1, 1, "none", EVEN), ("flux2-tiny", 1, 2, 1, "none", UNEVEN),
-          ("flux2-klein-tiny", 1, 1, 2, "none", EVEN), ("flux2-tiny", 2, 1, 1, "fp8-emulate", EVEN)]
+          ("flux2-klein-tiny", 1, 1, 2, "none", EVEN), ("flux2-tiny", 2, 1, 1, "fp8-emulate", EVEN),
+          ("flux2-tiny", 2, 1, 1, "nvfp4-emulate", EVEN)]  # NVFP4: q/k/v stay apart (no fusion)
 JOBS_4 = [("flux2-tiny", 2, 2, 1, "none", EVEN), ("flux2-klein-tiny", 2, 1, 2, "none", EVEN)]
 
 
