@@ -215,6 +215,22 @@ def test_bad_adapter_files(tmp_path, loras):
     assert not any(isinstance(m, LoraLinear) for m in eng.model.tr.modules())
 
 
+def test_other_layouts_read_by_diffusers_converters(tmp_path, loras):
+    """ai-toolkit (``diffusion_model.``) and peft (``base_model.model.``) key layouts, no metadata (alpha = r):
+    diffusers' ``lora_state_dict`` converts them, and the same A / B come out at scaling 1."""
+    from flux_dist.models.flux2.lora import read_adapter
+
+    want, _ = read_adapter("a", loras["flux2-tiny"]["a"])
+    sd = load_file(loras["flux2-tiny"]["a"])
+    for prefix in ("diffusion_model.", "base_model.model."):
+        path = tmp_path / f"{prefix.split('.')[0]}.safetensors"
+        save_file({prefix + k.removeprefix("transformer."): v for k, v in sd.items()}, str(path))
+        got, info = read_adapter("x", str(path))
+        assert got.keys() == want.keys() and info["modules"] == len(want)
+        for k, w in want.items():
+            assert torch.equal(got[k].a, w.a) and torch.equal(got[k].b, w.b) and got[k].scaling == 1.0, (prefix, k)
+
+
 def test_bad_request_names_and_scales(loras):
     eng = Engine(make_cfg("flux2-tiny", {"a": loras["flux2-tiny"]["a"]}, **EVEN))
     for chosen, match in [({"zzz": 1.0}, "unknown LoRA adapter 'zzz' \\(loaded: a\\)"), ({"a": math.nan}, "scale"),
