@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     cfg = config_from_args(args)
+    cfg.request.lora = {}  # serve --lora preloads adapters; each request selects its own ("lora": {NAME: scale})
     check_run(cfg)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
