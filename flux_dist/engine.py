@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +149,9 @@ class Engine:
 
     # -- the request ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, req: RequestConfig, decode: bool = True) -> Result:
+    def generate(self, req: RequestConfig, decode: bool = True, control: Callable[[int], None] | None = None) -> Result:
+        """One image. ``control``, if given, is called as ``control(step)`` on every rank before every denoise
+        step; it may raise (``lockstep.RequestStopped``) to stop the request there, every rank at the same step."""
         self.validate(req)
         mesh, dev, sync, fns = self.mesh, self.dist.device, self._sync, self.fns
         do_cfg = self.true_cfg and req.guidance > 1.0
@@ -187,6 +190,8 @@ class Engine:
         step_ms: list[float] = []
         bar = tqdm(total=req.steps, disable=not self.dist.is_main, desc="denoise", leave=False)
         for i, t in enumerate(ts):
+            if control is not None:
+                control(i)
             faults.maybe_inject(self.dist.rank, i)  # testing hook: no-op unless FLUX_DIST_FAULT is set
             t0 = time.perf_counter()
             xin = x.to(self.tr.dtype)
