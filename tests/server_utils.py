@@ -27,15 +27,31 @@ def env(**extra: str) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
+class Headers(dict):
+    """Response headers, looked up case-insensitively (HTTP/1.1 servers may send them in lower case)."""
+
+    def __init__(self, items: Any) -> None:
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
 def call(port: int, method: str, path: str, body: Any = None, *, headers: dict | None = None,
-         timeout: float = 120) -> tuple[int, dict, bytes]:
+         timeout: float = 120) -> tuple[int, Headers, bytes]:
     """One request on a fresh connection: (status, headers, body). ``body`` bytes go as is, else JSON."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         conn.request(method, path, body=data, headers=headers or {})
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, Headers(r.getheaders()), r.read()
     finally:
         conn.close()
 
