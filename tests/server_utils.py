@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,24 @@ class Server:
                 except ProcessLookupError:
                     pass
             self.wait(grace)
+
+
+@contextlib.contextmanager
+def server_with_cli_image(d: Path, args: list[str], prompt: str, seed: int) -> Iterator[Server]:
+    """A torchrun server (2 ranks, the tiny config at SMALL, plus ``args``) and, made beside it by one
+    ``flux-dist generate`` process (Ulysses 1: the layout must not change the image either), the CLI's
+    image for ``prompt`` / ``seed`` at ``server.cli_png``."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
+         "--prompt", prompt, "--seed", str(seed), "--output", str(d / "cli.png"), "--metrics", ""],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
+    s = Server(["--config", "configs/tiny.yaml", *SMALL, *args], log_path=d / "server.log")
+    try:
+        s.wait_ready()
+        assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]
+        s.cli_png = d / "cli.png"
+        yield s
+    finally:
+        s.stop()
+        if cli.poll() is None:
+            cli.kill()

@@ -6,15 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_utils import ROOT, SMALL, Server, call, decode_png, env, read_png
+from server_utils import SMALL, Server, call, decode_png, read_png, server_with_cli_image
 
 GEN = "/v1/images/generations"
 PROMPT = "a red fox standing in fresh snow at dawn"
@@ -34,21 +32,8 @@ def metric(text: str, name: str, default: float | None = None) -> float:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """torchrun, 2 ranks, Ulysses 2, no API key, a roomy queue; the CLI's image for GOOD made beside it."""
-    d = tmp_path_factory.mktemp("srv")
-    cli = subprocess.Popen(  # one process (Ulysses 1): the layout must not change the image either
-        [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
-         "--prompt", PROMPT, "--seed", "7", "--output", str(d / "cli.png"), "--metrics", ""],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
-    s = Server(["--config", "configs/tiny.yaml", *SMALL, "--max-queue", "64"], log_path=d / "server.log")
-    try:
-        s.wait_ready()
-        assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]
-        s.cli_png = d / "cli.png"
+    with server_with_cli_image(tmp_path_factory.mktemp("srv"), ["--max-queue", "64"], PROMPT, 7) as s:
         yield s
-    finally:
-        s.stop()
-        if cli.poll() is None:
-            cli.kill()
 
 
 def test_image_equals_cli_and_n_uses_consecutive_seeds(server):

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_utils import ROOT, SMALL, Server, call, decode_png, env, read_png
+from server_utils import Server, call, decode_png, read_png, server_with_cli_image
 
 GEN = "/v1/images/generations"
 PROMPT = "a red fox standing in fresh snow at dawn"
@@ -62,23 +60,10 @@ def full_log(s: Server) -> str:
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bounded")
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
-         "--prompt", PROMPT, "--seed", "7", "--output", str(d / "cli.png"), "--metrics", ""],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
     flags = ["--request-timeout", str(DEADLINE_S), "--read-timeout", str(READ_S), "--max-work", str(MAX_WORK),
              "--max-connections", str(MAX_CONN)]
-    s = Server(["--config", "configs/tiny.yaml", *SMALL, *flags], log_path=d / "server.log")
-    try:
-        s.wait_ready()
-        assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]
-        s.cli_png = d / "cli.png"
+    with server_with_cli_image(tmp_path_factory.mktemp("bounded"), flags, PROMPT, 7) as s:
         yield s
-    finally:
-        s.stop()
-        if cli.poll() is None:
-            cli.kill()
 
 
 def test_errors_have_openai_shape_and_metrics_count_every_reply(bounded):
