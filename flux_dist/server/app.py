@@ -318,7 +318,8 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
         ok, state, reason = jobs.status()
         if ok:
             return JSONResponse({"status": "ready", "model": validator.model_name, "queue_length": jobs.qsize()})
-        return JSONResponse({"status": state, "reason": reason}, status_code=503)
+        body = {"status": state, "reason": reason, **error_body(503, f"not ready: {reason or state}")}
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -97,6 +97,16 @@ class _Server(uvicorn.Server):
         pass
 
 
+def _share_log_handlers() -> None:
+    """uvicorn's warnings and errors (malformed HTTP, a handler bug) through flux-dist's "[rank0]" handler."""
+    ours, theirs = logging.getLogger("flux_dist"), logging.getLogger("uvicorn")
+    if ours.handlers and not theirs.handlers:
+        for h in ours.handlers:
+            theirs.addHandler(h)
+        theirs.setLevel(logging.WARNING)
+        theirs.propagate = False
+
+
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=128)
@@ -116,6 +126,7 @@ class FrontEnd:
             log_config=None, access_log=False, server_header=False, timeout_keep_alive=opts.read_timeout_s,  # type: ignore[arg-type]
             timeout_graceful_shutdown=5)
         self.server = _Server(config)
+        _share_log_handlers()
         self.app.state.connections = lambda: len(self.server.server_state.connections)
         self._thread: threading.Thread | None = None
 
