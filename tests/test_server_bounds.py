@@ -3,12 +3,14 @@ a 1 s read timeout, a small work limit. Long requests are 64x64 with 1000 steps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,9 @@ def raw(port: int, data: bytes, timeout: float = 10) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         out = b""
-        while chunk := s.recv(65536):
-            out += chunk
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
         return out
 
 
@@ -204,6 +207,56 @@ def test_a_client_that_leaves_cancels_its_request(bounded):
     log = full_log(bounded)
     assert "cancelled" in log and "stopped before denoise step" in log
     assert "Traceback" not in log and "BrokenPipe" not in log
+
+
+def test_mixed_load_every_request_answered_or_its_client_gone(bounded):
+    """120 requests, 6 at a time: good, bad, over the work limit, oversized, slow (no head, short body) and
+    disconnecting clients. Every client that waits gets its answer; /metrics counts exactly the replies."""
+    port = bounded.port
+    head = b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    long_body = json.dumps(LONG).encode()
+    kinds = ["good", "bad_json", "work", "size", "oversized", "short_body", "no_head", "leaves"]
+
+    def one(i: int) -> tuple[str, int | bytes | None]:
+        kind = "good" if i % 6 == 0 else kinds[1 + i % (len(kinds) - 1)]
+        if kind == "good":
+            return kind, call(port, "POST", GEN, {**GOOD, "seed": 1000 + i})[0]
+        if kind in ("bad_json", "work", "size"):
+            body = {"bad_json": b"{", "work": {**GOOD, "n": 2, "num_inference_steps": 1000},
+                    "size": {**GOOD, "size": "\uff16\uff14x64"}}[kind]
+            return kind, call(port, "POST", GEN, body)[0]
+        if kind == "oversized":
+            return kind, raw(port, head + b"Content-Length: 5000000\r\n\r\n")[:12]  # refused before the body
+        if kind in ("short_body", "no_head"):
+            data = head + b"Content-Length: 50\r\n\r\n{" if kind == "short_body" else b""
+            return kind, raw(port, data)[:12]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # leaves
+            s.sendall(head + b"Content-Length: " + str(len(long_body)).encode() + b"\r\n\r\n" + long_body)
+            time.sleep(0.5)
+        return kind, None
+
+    before = metrics(port)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(6) as ex:
+        out = list(ex.map(one, range(120)))
+    took = time.monotonic() - t0
+    want = {"good": 200, "bad_json": 400, "work": 400, "size": 400, "oversized": b"HTTP/1.1 413",
+            "short_body": b"HTTP/1.1 408", "no_head": b"", "leaves": None}
+    for kind, got in out:
+        assert got == want[kind], (kind, got)
+    n = {k: sum(1 for kk, _ in out if kk == k) for k in kinds}
+    assert took < 60, took  # no disconnecting client's 10 s job ran to its end
+    time.sleep(0.5)  # the last cancellations are counted
+    after = metrics(port)
+    expect = {200: n["good"] + 1, 400: n["bad_json"] + n["work"] + n["size"], 413: n["oversized"],
+              408: n["short_body"], 499: n["leaves"], 500: 0, 503: 0, 504: 0, 429: 0}
+    for code, count in expect.items():
+        assert responses(after, code) - responses(before, code) == count, (code, count, n)
+    assert stopped(after, "cancelled") - stopped(before, "cancelled") == n["leaves"]
+    lat = "flux_dist_request_latency_seconds_count"
+    assert after[(lat, ())] - before[(lat, ())] == n["good"]
+    assert call(port, "GET", "/health")[0] == 200
+    assert "Traceback" not in full_log(bounded)
 
 
 def test_sigterm_stops_the_running_request_and_every_rank_exits_0(bounded):

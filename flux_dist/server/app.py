@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import RequestConfig
@@ -340,7 +341,10 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
         if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
             raise APIError(415, f"Content-Type must be application/json (or absent), got {ctype!r}",
                            headers={"Connection": "close"})
-        raw = await request.body()  # FrontDoor: size limit (413) and read deadline (408)
+        try:
+            raw = await request.body()  # FrontDoor: size limit (413) and read deadline (408)
+        except ClientDisconnect:
+            return JSONResponse(error_body(CLIENT_GONE, "the client left"), status_code=CLIENT_GONE)
         ok, state, reason = jobs.status()
         if not ok:
             raise APIError(503, f"not ready: {reason or state}")
