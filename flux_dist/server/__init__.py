@@ -14,11 +14,12 @@ from .. import distributed
 from ..config import RunConfig
 from ..errors import FluxDistError
 from ..lockstep import FatalError, JobOutcome, RequestStopped, broadcast, run_together
-from .app import RequestValidator, ServeOptions, create_app
+from .app import RequestValidator, create_app
 from .http import FrontEnd
 from .jobs import Job, JobQueue
 from .loop import LoopHooks, StopSignal, serve_loop
 from .protocol import DEFAULT_MAX_WORK
+from .schema import ServeOptions
 
 __all__ = ["FatalError", "Job", "JobOutcome", "JobQueue", "RequestStopped", "RequestValidator", "ServeOptions",
            "StopSignal", "create_app", "serve", "run_together"]

@@ -1,4 +1,4 @@
-"""The HTTP API as one FastAPI app: pydantic models, OpenAI's error shape, health, Prometheus metrics.
+"""The HTTP API as one FastAPI app: routes, health, Prometheus metrics (models and errors: ``schema.py``).
 
 ``create_app(opts, validator, jobs)`` builds it from the server's options, a ``RequestValidator``
 (body -> image requests, refused before anything reaches a rank) and a ``JobQueue`` (what computes
@@ -13,158 +13,48 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive
 
 from ..config import RequestConfig
 from ..lockstep import CANCELLED, DEADLINE, SHUTDOWN, FatalError, JobOutcome
+from .door import FrontDoor
 from .jobs import Job, JobQueue, NotReady, QueueFull
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import DEFAULT_MAX_WORK, MAX_BODY_BYTES, MAX_SEED, BadRequest, build_requests, check_body
+from .protocol import BadRequest, build_requests, check_body
+from .schema import (
+    APIError,
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageTimings,
+    ServeOptions,
+    Timings,
+    error_body,
+    error_response,
+)
+
+__all__ = ["RequestValidator", "ServeOptions", "create_app"]
 
 log = logging.getLogger("flux_dist")
 
 GENERATIONS = "/v1/images/generations"
 CLIENT_GONE = 499  # counted in the metrics, never sent: the client left before the answer
-
-
-@dataclass
-class ServeOptions:
-    """Front-end knobs (the CLI's ``serve`` flags; other launchers pass the same)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_queue: int = 16
-    max_images: int = 4
-    request_timeout_s: float = 600.0  # deadline from arrival: stopped at the next step after it, 504
-    max_work: int | None = DEFAULT_MAX_WORK  # pixels x steps x images a request may ask for (None: no limit)
-    read_timeout_s: float = 10.0  # request head (and idle keep-alive), and the body, each within this
-    max_connections: int = 64  # open connections over this: 503; over twice this: closed at accept
-    max_body_bytes: int = MAX_BODY_BYTES
-
-    def check(self) -> None:
-        """Refuse nonsense before anything is loaded (raises ``FluxDistError``)."""
-        from ..errors import FluxDistError
-
-        if not 0 <= self.port <= 65535:
-            raise FluxDistError(f"--port must be in 0..65535, got {self.port}")
-        if self.max_queue < 1 or self.max_images < 1:
-            raise FluxDistError("--max-queue and --max-images must be at least 1")
-        if not self.request_timeout_s > 0:
-            raise FluxDistError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
-        if not self.read_timeout_s > 0:
-            raise FluxDistError(f"--read-timeout must be > 0 seconds, got {self.read_timeout_s}")
-        if self.max_work is not None and self.max_work < 1:
-            raise FluxDistError(f"--max-work must be at least 1 pixel-step, got {self.max_work}")
-        if self.max_connections < 1 or self.max_body_bytes < 1:
-            raise FluxDistError("--max-connections and the body limit must be at least 1")
-
-
-# -- models ------------------------------------------------------------------------------------------
-class ImageGenerationRequest(BaseModel):
-    """``POST /v1/images/generations`` (OpenAI's images API, plus the diffusers knobs)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(min_length=1, description="no NUL, no lone surrogate")
-    n: int = Field(1, ge=1, description="1..--max-images; images use seeds seed, seed+1, ...")
-    size: str | None = Field(None, pattern=r"^[0-9]{1,6}[xX][0-9]{1,6}$", description="WIDTHxHEIGHT, ASCII")
-    response_format: Literal["b64_json"] = "b64_json"
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="drawn at random when absent")
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
-    negative_prompt: str | None = Field(None, description="true-CFG models only")
-    model: str | None = Field(None, description="accepted, ignored: one server serves one model")
-    user: str | None = Field(None, description="accepted, ignored")
-
-
-class ImageData(BaseModel):
-    b64_json: str
-    seed: int
-
-
-class ImageTimings(BaseModel):
-    text_encode_s: float | None = None
-    denoise_s: float | None = None
-    decode_s: float | None = None
-    total_s: float | None = None
-    cache_skipped_steps: int = 0
-
-
-class Timings(BaseModel):
-    queue_s: float
-    compute_s: float
-    total_s: float
-    images: list[ImageTimings]
-
-
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    timings: Timings
-    layout: dict[str, Any] | None = None  # the mesh: world_size, ulysses, ring, cfg
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-# -- errors ------------------------------------------------------------------------------------------
-_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
-_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-          413: "body_too_large", 415: "unsupported_media_type", 429: "queue_full", 500: "generation_failed",
-          503: "unavailable", 504: "deadline_exceeded"}
-
-
-class APIError(Exception):
-    """Answered as ``status`` with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.code = code or _CODES.get(status)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status)}}
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=e.headers)
-
-
-async def _send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    """An error straight from ASGI middleware (before the app): same body as everywhere."""
-    body = json.dumps(error_body(status, message)).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 # -- request checks ----------------------------------------------------------------------------------
@@ -188,76 +78,6 @@ class RequestValidator:
             err = e.errors()[0]
             raise BadRequest(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
         return build_requests(n, fields, self.defaults, validate=self.validate, max_work=max_work)
-
-
-# -- the ASGI door: counting, connection cap, API key, body size and read deadline ------------------------
-class FrontDoor:
-    """Outermost middleware: counts every response by code, caps connections, checks the API key, and
-    bounds the request body (``max_body_bytes``; all of it within ``read_timeout_s`` of the request head)."""
-
-    def __init__(self, app: ASGIApp, *, opts: ServeOptions, metrics: Metrics,
-                 connections: Callable[[], int] | None = None) -> None:
-        self.app, self.opts, self.metrics = app, opts, metrics
-        self.connections = connections
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        metrics = self.metrics
-
-        async def counted(msg: Message) -> None:
-            if msg["type"] == "http.response.start":
-                metrics.response(msg["status"])
-            await send(msg)
-
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        length = headers.get("content-length")
-        has_body = (length not in (None, "0")) or "chunked" in headers.get("transfer-encoding", "").lower()
-        close = {"Connection": "close"} if has_body else {}  # the body stays unread: do not reuse the connection
-        open_now = self.connections() if self.connections is not None else 0
-        if open_now > self.opts.max_connections:
-            await _send_error(counted, 503, f"too many open connections ({open_now}, limit "
-                              f"{self.opts.max_connections}); retry later", {"Retry-After": "1", "Connection": "close"})
-            return
-        key = self.opts.api_key
-        if key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                await _send_error(counted, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                  {"WWW-Authenticate": "Bearer", **close})
-                return
-        limit = self.opts.max_body_bytes
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if n > limit:
-                await _send_error(counted, 413, f"body of {n} bytes is over the limit of {limit}", close)
-                return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.opts.read_timeout_s
-        state = {"received": 0, "done": not has_body}
-
-        async def bounded() -> Message:
-            if state["done"]:
-                return await receive()
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.001, deadline - loop.time()))
-            except TimeoutError:
-                raise APIError(408, f"the request body did not arrive within {self.opts.read_timeout_s:g} s",
-                               headers={"Connection": "close"}) from None
-            if msg["type"] == "http.request":
-                state["received"] += len(msg.get("body", b""))
-                if state["received"] > limit:
-                    raise APIError(413, f"body is over the limit of {limit} bytes", headers={"Connection": "close"})
-                state["done"] = not msg.get("more_body", False)
-            else:
-                state["done"] = True
-            return msg
-
-        await self.app(scope, bounded, counted)
 
 
 # -- the app -----------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import RequestValidator, ServeOptions, create_app, error_body
+from .app import RequestValidator, create_app
 from .jobs import JobQueue
 from .metrics import Metrics
+from .schema import ServeOptions, error_body
 
 log = logging.getLogger("flux_dist")
 
