@@ -184,39 +184,6 @@ def test_port_in_use_is_a_clear_error_before_serving():
         serve(cfg, engine, "127.0.0.1", 0, max_queue=0)
 
 
-def _stop_at_step(rank: int, world: int, stop_at: int) -> dict:
-    """A fake engine that runs 10 "steps" calling control(step); rank 0 alone says stop at ``stop_at``."""
-    import torch
-
-    from flux_dist.lockstep import run_together, step_control
-
-    class FakeEngine:
-        class dist:  # noqa: N801 - the engine's attribute name
-            device = torch.device("cpu")
-
-        ran: list[int] = []
-
-        def generate(self, req, control=None):
-            for i in range(10):
-                control(i)
-                self.ran.append(i)
-            return "done"
-
-    eng = FakeEngine()
-    check = (lambda: "deadline" if len(eng.ran) >= stop_at else None) if rank == 0 else None
-    stopped = run_together(eng, ["req"], control=step_control(eng.dist.device, check))
-    eng.ran.clear()
-    finished = run_together(eng, ["req"], control=step_control(eng.dist.device, None))  # still in step
-    return {"stopped": (stopped.ok, stopped.stopped, stopped.stopped_step), "ran": len(eng.ran),
-            "finished": (finished.ok, finished.results)}
-
-
-def test_step_control_stops_every_rank_at_the_same_step():
-    r0, r1 = run_distributed(_stop_at_step, 2, 3, timeout=120)
-    assert r0["stopped"] == r1["stopped"] == (False, "deadline", 3)  # rank 1 never saw the deadline itself
-    assert r0["finished"] == r1["finished"] == (True, ["done"]) and r0["ran"] == r1["ran"] == 10
-
-
 def test_bad_serve_flags_are_refused_before_loading():
     import subprocess
     import sys
