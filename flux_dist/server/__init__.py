@@ -61,6 +61,12 @@ def serve(
             front = FrontEnd(opts, validator)
         except OSError as e:
             err = f"cannot listen on {host}:{port}: {e}"
+        else:
+            try:
+                front.start()  # answers 503 "starting" until the loop marks it ready
+            except RuntimeError as e:
+                front.close()
+                front, err = None, f"the HTTP server on {host}:{port} did not start: {e}"
     # Doubles as the start-up barrier: every rank has its engine once this returns, and a rank 0
     # that cannot listen takes every rank down with the same message.
     status = broadcast(("start", err), engine.dist.device)
@@ -74,7 +80,6 @@ def serve(
     hooks = LoopHooks()
     if front is not None:
         front.jobs.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
-        front.start()
         h, p = front.address
         log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request, deadline %g s, work limit %s)",
                  engine.c.name, h, p, " with an API key" if api_key else "", max_queue, max_images, request_timeout_s,
