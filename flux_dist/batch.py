@@ -2,8 +2,8 @@
 
 Rank 0 reads the file and broadcasts the parsed lines, so every rank walks the same list; each
 line is checked with ``Engine.validate`` before any collective (the same verdict on every rank,
-so all ranks skip a bad line together) and run with the server's agreement protocol, so a model
-failure on one line is reported and the rest still run.
+so all ranks skip a bad line together) and run with the lock-step agreement (``lockstep.run_together``),
+so a model failure on one line is reported and the rest still run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import FluxDistError
-from .server.loop import broadcast, run_together
+from .lockstep import broadcast, run_together
 from .server.protocol import request_fields
 
 log = logging.getLogger("flux_dist")

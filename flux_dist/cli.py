@@ -96,14 +96,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load once on every rank, then serve HTTP from rank 0 until SIGTERM / SIGINT."""
     from . import distributed
     from .engine import Engine
-    from .server import serve
+    from .server import ServeOptions, serve
+    from .server.protocol import DEFAULT_MAX_WORK
 
     cfg = config_from_args(args)
     check_run(cfg)
+    max_work = DEFAULT_MAX_WORK if args.max_work is None else (args.max_work or None)  # 0: no limit
+    opts = dict(api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"), max_queue=args.max_queue,
+                max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,
+                read_timeout_s=args.read_timeout, max_connections=args.max_connections)
+    ServeOptions(args.host, args.port, **opts).check()  # before loading: a bad flag costs nothing
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
-    code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
-                 max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
+    code = serve(cfg, engine, args.host, args.port, **opts)
     if code:  # the ranks lost each other (already logged): exit now, no peer is left to wait for
         sys.stderr.flush()
         os._exit(code)
@@ -218,7 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env FLUX_DIST_API_KEY)")
     v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429")
     v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
-    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits before 504")
+    v.add_argument("--request-timeout", type=float, default=600.0,
+                   help="deadline in seconds from arrival: the request is stopped at the next step and answered 504")
+    v.add_argument("--max-work", type=int, default=None,
+                   help="largest width x height x steps x n a request may ask for, else 400 (0: no limit; "
+                   "default 209715200 = 2048x2048 x 50 steps x 1)")
+    v.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds for a request's head (and an idle connection), and again for its body")
+    v.add_argument("--max-connections", type=int, default=64,
+                   help="open connections over this get 503; over twice this are closed at once")
     v.set_defaults(func=cmd_serve)
     r = sub.add_parser("ray-generate", help="generate one image on a Ray cluster (one actor per rank)")
     _add_run_flags(r)
