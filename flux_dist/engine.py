@@ -8,7 +8,9 @@ request. Everything model-specific is the adapter's (``models/``); this file nam
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +31,13 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import branch_prompts, cfg_parallel_combine, guided
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_request, check_run
+from .validation import check_cfg_parallel, check_device, check_negative_prompt, check_request, check_run
 
 log = logging.getLogger("flux_dist")
+
+# Per-shape caches are bounded (least recently used shapes evicted), so a server seeing many image sizes stays flat:
+PLAN_CACHE_SIZE = 32  # ShardPlans (one per (text, image) length; compiled blocks see the same object per shape)
+ONEDNN_CACHE_CAPACITY = 256  # oneDNN primitives on CPU (per-shape conv kernels of the VAE; oneDNN's default is 1024)
 
 
 @dataclass
@@ -53,12 +59,15 @@ class Engine:
         check_device(cfg, dev.type)
         p = cfg.parallel
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
+        if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
         if m.compile:
             compile_mod.enable_cache(m.compile_cache_dir)  # before anything asks inductor for its dir
         t0 = time.perf_counter()
         self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant)  # load
+        self.quant = self.c.quant  # what the model runs (a directory saved quantized keeps its format)
         self.model = adapter_for(self.c, dev)
         self.true_cfg = self.model.true_cfg
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
@@ -72,7 +81,7 @@ class Engine:
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: dict[tuple[int, int], ShardPlan] = {}
+        self._plans: OrderedDict[tuple[int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s", self.model.name,
                  self.quant, n_quant, kernel.label, m.compile, self.mesh.describe())
@@ -82,6 +91,7 @@ class Engine:
 
     def validate(self, req: RequestConfig) -> None:
         check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
+        check_negative_prompt(req, self.true_cfg)
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)
@@ -176,8 +186,12 @@ class Engine:
     def plan(self, txt_len: int, img_len: int) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
         key = (txt_len, img_len)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
             self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return self._plans[key]
 
     def _sync(self) -> float:

@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from ..errors import FluxDistError
 from ..quant import checkpoint_format
 from .components import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
 from .flux2.quant_plan import load_quantized
@@ -76,6 +77,19 @@ def _own_aligned_memory_(module: torch.nn.Module) -> None:
                 t.data = t.data.clone()
 
 
+def _component(path: str, name: str, load: Any) -> Any:
+    """``load()``, with any failure (a bad config.json, missing or mismatched weights) named by its folder:
+    what a user's directory holds is input, and its errors are theirs to fix, not tracebacks."""
+    try:
+        return load()
+    except FluxDistError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers / transformers raise many kinds for a bad folder
+        folder = os.path.join(path, name)
+        raise FluxDistError(f"cannot load the {name} from {folder} (check {os.path.join(folder, 'config.json')} "
+                            f"and its weights): {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+
+
 def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Components:
     """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
 
@@ -99,22 +113,21 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     def sub(name: str) -> str:
         return os.path.join(path, name)
 
+    quant = "none"
     if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
-        transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
+        transformer, quant = _component(path, "transformer", lambda: load_quantized(sub("transformer"), device, dtype))
     else:
-        transformer = Flux2Transformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
-        )
-    vae = AutoencoderKLFlux2.from_pretrained(
-        path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        transformer = _component(path, "transformer", lambda: Flux2Transformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement))
+    vae = _component(path, "vae", lambda: AutoencoderKLFlux2.from_pretrained(
+        path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement))
+    scheduler = _component(path, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+        path, subfolder="scheduler", local_files_only=True))
     te_cls = Mistral3ForConditionalGeneration if family == "dev" else Qwen3ForCausalLM
-    text_encoder = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
-    if family == "dev":
-        tokenizer: Any = PixtralProcessor.from_pretrained(sub("tokenizer"), local_files_only=True)
-    else:
-        tokenizer = Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), local_files_only=True)
+    text_encoder = _component(path, "text_encoder", lambda: te_cls.from_pretrained(
+        sub("text_encoder"), dtype=dtype, local_files_only=True, **placement))
+    tok_cls: Any = PixtralProcessor if family == "dev" else Qwen2TokenizerFast
+    tokenizer = _component(path, "tokenizer", lambda: tok_cls.from_pretrained(sub("tokenizer"), local_files_only=True))
     for m in (transformer, vae, text_encoder):
         m.eval().requires_grad_(False)
         if on_cpu:
@@ -130,4 +143,5 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
         is_distilled=True if family == "dev" else bool(index.get("is_distilled", False)),
         text_layers=DEV_TEXT_LAYERS if family == "dev" else KLEIN_TEXT_LAYERS,
         name=path,
+        quant=quant,
     )
