@@ -127,3 +127,18 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
         n_ok, n_bad = len(manifest["images"]), len(manifest["errors"])
         log.info("batch done: %d image(s), %d line(s) skipped, manifest %s", n_ok, n_bad, manifest_path)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a batch-mode prompts file (``.txt`` or ``.jsonl``); a bad line is an error here."""
+    p = Path(path)
+    if not p.is_file():
+        raise FluxDistError(f"prompts file not found: {path}")
+    out = []
+    for n, fields in parse_lines(p.read_text(), jsonl=p.suffix == ".jsonl", true_cfg=True):
+        if isinstance(fields, str):
+            raise FluxDistError(f"{path}:{n}: {fields}")
+        out.append(fields["prompt"])
+    if not out:
+        raise FluxDistError(f"prompts file {path} has no prompts")
+    return out

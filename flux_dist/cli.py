@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .config import CheckpointFormat, RunConfig, choices, load_config, to_dict
 from .errors import FluxDistError
-from .validation import check_request, check_run
+from .preflight import on_rank0_then_all, port_in_use, record_failure
+from .validation import check_outputs, check_request, check_run
 
 log = logging.getLogger("flux_dist")
 
@@ -76,6 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompts_file:
         check_request(cfg.request, cfg.limits)  # before the (slow) model load
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    on_rank0_then_all(info, lambda: check_outputs(None, output_dir=args.output_dir) if args.prompts_file
+                      else check_outputs(cfg.output))  # before the (slow) model load, every rank told
     engine = Engine(cfg, info)
     if args.prompts_file:
         from .batch import run_batch
@@ -107,6 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     ServeOptions(args.host, args.port, **opts).check()  # before loading: a bad flag costs nothing
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+
+    def port_free() -> None:
+        if err := port_in_use(args.host, args.port):
+            raise FluxDistError(err)
+
+    on_rank0_then_all(info, port_free)
     engine = Engine(cfg, info)
     code = serve(cfg, engine, args.host, args.port, **opts)
     if code:  # the ranks lost each other (already logged): exit now, no peer is left to wait for
@@ -138,6 +147,7 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     setup_logging(0)
     check_run(cfg)
     check_request(cfg.request, cfg.limits)  # before reserving any actor
+    check_outputs(cfg.output)
     res = ray_generate(cfg, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
     _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
     return 0
@@ -174,31 +184,17 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.cache.mode = "calibrate"
+    from .batch import read_prompts
+
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
     check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    on_rank0_then_all(info, lambda: check_outputs(extra=args.calib_output))
     engine = Engine(cfg, info)
     calibrate(engine, prompts, args.calib_output, args.degree)
     engine.close()
     return 0
-
-
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a batch-mode prompts file (``.txt`` or ``.jsonl``); a bad line is an error here."""
-    from .batch import parse_lines
-
-    p = Path(path)
-    if not p.is_file():
-        raise FluxDistError(f"prompts file not found: {path}")
-    out = []
-    for n, fields in parse_lines(p.read_text(), jsonl=p.suffix == ".jsonl", true_cfg=True):
-        if isinstance(fields, str):
-            raise FluxDistError(f"{path}:{n}: {fields}")
-        out.append(fields["prompt"])
-    if not out:
-        raise FluxDistError(f"prompts file {path} has no prompts")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,15 +267,23 @@ def _rank() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    message = ""
     try:
+        from .faults import check_env
+
+        check_env()  # a malformed FLUX_DIST_FAULT is bad input now, not at the first denoise step
         code = args.func(args)
     except FluxDistError as e:
-        print(f"[rank{_rank()}] flux-dist: error: {e}", file=sys.stderr, flush=True)
+        message = " ".join(str(e).split("\n"))
+        print(f"[rank{_rank()}] flux-dist: error: {message}", file=sys.stderr, flush=True)
         code = 2
-    except Exception:
+    except Exception as e:
+        message = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500]
         print(f"[rank{_rank()}] flux-dist: internal error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
     if code:
+        record_failure(code, message or ("some batch lines failed (see the log and manifest.json)" if code == 3
+                                         else f"exit code {code}"))
         from .distributed import fail_together
 
         fail_together()

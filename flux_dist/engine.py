@@ -8,7 +8,9 @@ request. Everything model-specific is the adapter's (``models/``); this file nam
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +32,13 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_request, check_run
+from .validation import check_cfg_parallel, check_device, check_negative_prompt, check_request, check_run
 
 log = logging.getLogger("flux_dist")
+
+# Per-shape caches are bounded (least recently used shapes evicted), so a server seeing many image sizes stays flat:
+PLAN_CACHE_SIZE = 32  # ShardPlans (one per (text, image) length; compiled blocks see the same object per shape)
+ONEDNN_CACHE_CAPACITY = 256  # oneDNN primitives on CPU (per-shape conv kernels of the VAE; oneDNN's default is 1024)
 
 
 @dataclass
@@ -54,6 +60,8 @@ class Engine:
         check_device(cfg, dev.type)
         p = cfg.parallel
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
+        if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
         check_text_encoder(m, dev, self.dist.world_size)
@@ -63,6 +71,7 @@ class Engine:
         with phase_memory(self.memory, "load", dev):  # a directory's whole encoder is never read
             self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant,
                                 text_encoder=False)
+            self.quant = self.c.quant  # what the model runs (a directory saved quantized keeps its format)
             self.model = adapter_for(self.c, dev)
             attach_text_encoder(self.model, m, dev, self.dtype, self.dist.rank, self.dist.world_size)
         self.true_cfg = self.model.true_cfg
@@ -77,7 +86,7 @@ class Engine:
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: dict[tuple[int, int], ShardPlan] = {}
+        self._plans: OrderedDict[tuple[int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s", self.model.name,
                  self.quant, n_quant, kernel.label, m.compile, self.mesh.describe())
@@ -87,6 +96,7 @@ class Engine:
 
     def validate(self, req: RequestConfig) -> None:
         check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
+        check_negative_prompt(req, self.true_cfg)
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)
@@ -186,8 +196,12 @@ class Engine:
     def plan(self, txt_len: int, img_len: int) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
         key = (txt_len, img_len)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
             self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return self._plans[key]
 
     def _sync(self) -> float:

@@ -53,6 +53,12 @@ def parse(spec: str) -> Fault:
         raise FluxDistError(f"{ENV}={spec!r}: rank and step must be integers") from e
 
 
+def check_env() -> Fault | None:
+    """Parse FLUX_DIST_FAULT now (at start-up): a malformed value fails before the model loads."""
+    spec = os.environ.get(ENV)
+    return parse(spec) if spec else None
+
+
 def maybe_inject(rank: int, step: int) -> None:
     """Called by the engine before each denoise step; does nothing unless FLUX_DIST_FAULT is set."""
     spec = os.environ.get(ENV)

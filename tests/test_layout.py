@@ -47,7 +47,8 @@ def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     return bad
 
 
-FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.lockstep")
+FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.lockstep",
+              "flux_dist.preflight")
 
 
 def test_torch_free_config_and_validation():

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import RequestConfig
+from ..config import MAX_SEED, RequestConfig
 from ..errors import FluxDistError
 
 MAX_BODY_BYTES = 1 << 20  # a prompt is text: a megabyte is already absurd
 # ASCII digits only, no spaces: "９６x９６" and " 64 x 64 " are refused (one spelling, as OpenAI's enum).
 SIZE_RE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})", re.ASCII)
-MAX_SEED = 2**63 - 1
+
 # 2048x2048 x 50 steps x 1 image (or 1024x1024 x 50 steps x 4 images): pixels x steps x images.
 DEFAULT_MAX_WORK = 2048 * 2048 * 50
 
