@@ -71,8 +71,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_run(cfg)
     if not args.prompts_file:
         check_request(cfg.request, cfg.limits)  # before the (slow) model load
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     engine = Engine(cfg, info)
+    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     if args.prompts_file:
         from .batch import run_batch
 
@@ -80,7 +81,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if code == 0:
             engine.close()
         return code
-    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     result = engine.generate(cfg.request)
     if engine.dist.is_main:
         _write_outputs(cfg, result.image.save, result.metrics)
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_run(cfg)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     engine = Engine(cfg, info)
     code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
                  max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
@@ -168,7 +168,7 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
     check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     engine = Engine(cfg, info)
     calibrate(engine, prompts, args.calib_output, args.degree)
     engine.close()
