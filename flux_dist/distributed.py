@@ -338,22 +338,24 @@ class Watchdog:
         if publish:  # first to notice: tell every other rank, which then ends naming the same rank
             text = f"{culprit if culprit is not None else '-'} {why}, reported by rank {self.rank}"
             _bounded(lambda: (self.store.compare_set("alarm", "", text), self.store.add("alarmed", 1)), 2.0)
-        self._kill_if_here(culprit)
+        if self._kill_if_here(culprit):
+            line += f" (killed its process {self._identity[culprit].split()[1]} on this machine)"  # type: ignore[index]
         self.on_alarm(line)
 
-    def _kill_if_here(self, culprit: int | None) -> None:
+    def _kill_if_here(self, culprit: int | None) -> bool:
         """SIGKILL the silent peer when it is a process of this machine (checked by boot id, pid and start
         time): a stopped process keeps a launcher waiting for its own grace period before the SIGKILL."""
         ident = self._identity.get(culprit) if culprit is not None else None
         if not ident:
-            return
+            return False
         try:
             pid = int(ident.split()[1])
             if pid != os.getpid() and _proc_identity(pid) == ident:
                 os.kill(pid, signal.SIGKILL)
-                log.warning("watchdog: killed rank %d (pid %d on this machine)", culprit, pid)
+                return True
         except (ValueError, IndexError, OSError):
             pass
+        return False
 
 
 _watchdog: Watchdog | None = None
