@@ -165,3 +165,37 @@ def test_torchrun_deadlock_with_live_heartbeats_ends_on_the_collective_timeout(t
     fired = fault_time(r.stderr)
     assert t0 < fired and end - fired < 6 + 30, f"job took {end - fired:.1f} s to end after the hang"
     assert "stopped answering" not in r.stderr
+
+
+# -- the server: an idle rank stopped ------------------------------------------------------------
+
+def _stopped_server_ends(tmp_path: Path, launcher: str, stopped: int) -> None:
+    import signal
+
+    from server_utils import SMALL, Server
+
+    s = Server(["--config", "configs/tiny.yaml", *SMALL], launcher=launcher, log_path=tmp_path / "server.log")
+    try:
+        s.wait_ready()
+        t0 = time.monotonic()
+        import os
+
+        os.kill(s.rank_pid(stopped), signal.SIGSTOP)
+        codes = s.wait(FAST_FAIL_S)
+        took = time.monotonic() - t0
+        assert all(c not in (0, None) for c in codes), (codes, s.log())
+        assert took < FAST_FAIL_S, took
+        other = 1 - stopped
+        assert f"[rank{other}] flux-dist: error: rank {stopped} stopped answering" in s.log(), s.log()
+    finally:
+        s.stop()
+
+
+def test_serve_idle_rank1_stopped_ends_server_under_torchrun(tmp_path):
+    _stopped_server_ends(tmp_path, "torchrun", 1)
+
+
+def test_serve_rank0_store_host_stopped_ends_server(tmp_path):
+    """Ranks started as plain processes (as Slurm's tasks mode or Ray do): rank 0 hosts the rendezvous
+    store, so stopping it stops the store too; rank 1 still ends, naming rank 0, and kills it."""
+    _stopped_server_ends(tmp_path, "env", 0)
