@@ -1,6 +1,6 @@
 """A rank that stops answering ends the job within 60 s, on every rank, naming it (issue 12, item 1).
 
-The watchdog (``distributed.Watchdog``): every rank beats into the rendezvous store and reads every
+The watchdog (``flux_dist/watchdog.py``): every rank beats into the rendezvous store and reads every
 peer's beat from its own threads. A stopped process (SIGSTOP), a frozen one, or a stopped store host
 ends every rank; a slow but live main thread does not. After start-up every process group, the
 mesh's subgroups included, gets ``dist.timeout_s``, so a deadlock with live heartbeats ends too.
@@ -24,7 +24,7 @@ FAST_FAIL_S = 60.0
 def _pair(window_s: float):
     import torch.distributed as dist
 
-    from flux_dist.distributed import Watchdog
+    from flux_dist.watchdog import Watchdog
 
     store = dist.HashStore()
     alarms: list[str] = []
@@ -43,7 +43,7 @@ def test_watchdog_names_a_silent_peer():
     while not alarms and time.monotonic() - t < 5:
         time.sleep(0.02)
     assert alarms and "[rank0] flux-dist: error: rank 1 stopped answering (last heartbeat" in alarms[0], alarms
-    assert 1.0 <= time.monotonic() - t < 2.5
+    assert 0.8 <= time.monotonic() - t < 4  # the window (1 s), less up to one beat, plus scheduling
     assert dogs[0].silent_ranks(older_than_s=0.5) == [1]
     dogs[0].stop()
 
@@ -51,7 +51,7 @@ def test_watchdog_names_a_silent_peer():
 def test_watchdog_propagates_the_alarm_naming_the_same_rank():
     import torch.distributed as dist
 
-    from flux_dist.distributed import Watchdog
+    from flux_dist.watchdog import Watchdog
 
     store = dist.HashStore()
     alarms: list[str] = []
