@@ -76,10 +76,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_run(cfg)
     if not args.prompts_file:
         check_request(cfg.request, cfg.limits)  # before the (slow) model load
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     on_rank0_then_all(info, lambda: check_outputs(None, output_dir=args.output_dir) if args.prompts_file
                       else check_outputs(cfg.output))  # before the (slow) model load, every rank told
     engine = Engine(cfg, info)
+    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     if args.prompts_file:
         from .batch import run_batch
 
@@ -87,7 +88,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if code == 0:
             engine.close()
         return code
-    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     result = engine.generate(cfg.request)
     if engine.dist.is_main:
         _write_outputs(cfg, result.image.save, result.metrics)
@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,
                 read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     ServeOptions(args.host, args.port, **opts).check()  # before loading: a bad flag costs nothing
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
 
     def port_free() -> None:
         if err := port_in_use(args.host, args.port):
@@ -189,7 +189,7 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
     check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     on_rank0_then_all(info, lambda: check_outputs(extra=args.calib_output))
     engine = Engine(cfg, info)
     calibrate(engine, prompts, args.calib_output, args.degree)

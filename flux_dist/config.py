@@ -91,10 +91,11 @@ class OutputConfig:
 
 @dataclass
 class DistConfig:
-    """Process-group timeouts: long while loading / compiling, short once serving."""
+    """Process-group timeouts: long while loading / compiling, short once serving; the rank watchdog."""
 
     startup_timeout_s: float = 1800.0
-    timeout_s: float = 300.0
+    timeout_s: float = 45.0  # every group, subgroups included, once the engine is built
+    watchdog_s: float = 20.0  # a rank silent this long ends the job on every rank, naming it (0: off)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class Engine:
         m = cfg.model
         check_run(cfg)  # resolve: every choice checked before the process group and the load
         self.cfg = cfg
-        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s)
+        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         dev = self.dist.device
         check_device(cfg, dev.type)
         p = cfg.parallel

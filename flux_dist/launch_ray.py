@@ -74,7 +74,7 @@ class RankActor:
         from .engine import Engine
         from .validation import check_request
 
-        info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+        info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         check_request(cfg.request, cfg.limits)
         engine = Engine(cfg, info)
         distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: fail fast from here on

@@ -56,7 +56,8 @@ def test_torch_free_config_and_validation():
 
 
 def test_lower_layers_know_no_model_cache_or_engine():
-    lower = _files("devices", "distributed", "faults", "sampling", "stack", "compile", "graphs", "parallel", "quant")
+    lower = _files("devices", "distributed", "watchdog", "faults", "sampling", "stack", "compile", "graphs", "parallel",
+                   "quant")
     assert _offenders(lower, ("flux_dist.models", "flux_dist.cache", "flux_dist.engine", *FRONT_ENDS)) == []
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import RequestConfig
 from ..lockstep import CANCELLED, DEADLINE, SHUTDOWN
+from ..watchdog import silent_ranks
 
 
 class QueueFull(Exception):
@@ -70,6 +71,9 @@ class JobQueue:
         """``(accepting, state, reason)``; state is ready, starting, stopping or down."""
         if self.stopping.is_set() and self.down_reason is None:
             return False, "stopping", "shutting down"
+        silent = silent_ranks()  # the watchdog's view: late heartbeats, seconds before it ends the job
+        if silent and self.down_reason is None:
+            return False, "down", f"rank(s) {', '.join(map(str, silent))} not answering"
         if self.ready.is_set():
             return True, "ready", None
         return False, ("down" if self.down_reason else "starting"), self.down_reason
