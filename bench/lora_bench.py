@@ -66,8 +66,7 @@ def pass_fn(eng: Engine, chosen: dict[str, float]):
     """One transformer pass as ``Engine.generate`` runs it (1 rank: the shards are the whole)."""
     req = RequestConfig(prompt="a fox", height=H, width=W, steps=1, max_sequence_length=TXT, lora=chosen)
     eng.validate(req)
-    if eng.lora:
-        eng.lora.select(chosen)
+    eng.lora.select(chosen)
     m = eng.model
     (emb, ids), = m.encode([req.prompt], TXT, req.seed, eng.dtype)
     x, img_ids = m.noise(H, W, req.seed, emb.dtype)

@@ -8,7 +8,9 @@ request. Everything model-specific is the adapter's (``models/``); this file nam
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +32,13 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_lora, check_request, check_run
+from .validation import check_cfg_parallel, check_device, check_lora, check_negative_prompt, check_request, check_run
 
 log = logging.getLogger("flux_dist")
+
+# Per-shape caches are bounded (least recently used shapes evicted), so a server seeing many image sizes stays flat:
+PLAN_CACHE_SIZE = 32  # ShardPlans (one per (text, image) length; compiled blocks see the same object per shape)
+ONEDNN_CACHE_CAPACITY = 256  # oneDNN primitives on CPU (per-shape conv kernels of the VAE; oneDNN's default is 1024)
 
 
 @dataclass
@@ -49,11 +55,13 @@ class Engine:
         m = cfg.model
         check_run(cfg)  # resolve: every choice checked before the process group and the load
         self.cfg = cfg
-        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s)
+        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         dev = self.dist.device
         check_device(cfg, dev.type)
         p = cfg.parallel
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
+        if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
         check_text_encoder(m, dev, self.dist.world_size)
@@ -63,6 +71,7 @@ class Engine:
         with phase_memory(self.memory, "load", dev):  # a directory's whole encoder is never read
             self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant,
                                 text_encoder=False)
+            self.quant = self.c.quant  # what the model runs (a directory saved quantized keeps its format)
             self.model = adapter_for(self.c, dev)
             attach_text_encoder(self.model, m, dev, self.dtype, self.dist.rank, self.dist.world_size)
         self.true_cfg = self.model.true_cfg
@@ -72,28 +81,24 @@ class Engine:
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)
         self.ctx = AttnContext(self.mesh, kernel=kernel)
         self.model.parallelize(self.ctx)  # parallelize
-        self.lora = self.model.load_lora(m.lora, self.dtype)  # LoRA bank: every adapter, unmerged (None: none given)
+        self.lora = self.model.load_lora(m.lora, self.dtype)  # LoRA bank: every adapter, unmerged (maybe none)
         self.fns = self.model.step_fns
         if m.compile:  # compile: each block, and the step's work outside them (all a skipped cache step runs)
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: dict[tuple[int, int], ShardPlan] = {}
+        self._plans: OrderedDict[tuple[int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s, LoRA %s", self.model.name,
-                 self.quant, n_quant, kernel.label, m.compile, self.mesh.describe(), self.lora_adapters or "none")
+                 self.quant, n_quant, kernel.label, m.compile, self.mesh.describe(), self.lora.describe() or "none")
         if self.model.text_encoder_label == "random-embeddings":
             log.warning("model '%s' has no text encoder here: prompts become seeded random embeddings "
                         "(benchmark shapes, not images)", self.model.name)
 
     def validate(self, req: RequestConfig) -> None:
         check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
-        check_lora(req.lora, self.lora.names if self.lora else ())
-
-    @property
-    def lora_adapters(self) -> list[dict]:
-        """The adapters loaded at start (name, path, ranks, modules): what a request may select."""
-        return self.lora.describe() if self.lora else []
+        check_negative_prompt(req, self.true_cfg)
+        check_lora(req.lora, self.lora.names)  # the loaded adapters (name, path, ranks): self.lora.describe()
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)
@@ -105,8 +110,7 @@ class Engine:
         """One request on every rank. ``control(step)``, if given, runs at each step boundary on every
         rank (a request's deadline or cancellation raises there, on every rank at the same step)."""
         self.validate(req)
-        if self.lora:  # this request's adapters and scales: data in place, never a new graph
-            self.lora.select(req.lora)
+        self.lora.select(req.lora)  # this request's adapters and scales: data in place, never a new graph
         mesh, model, t, mem, dev = self.mesh, self.model, {"start": time.perf_counter()}, {}, self.dist.device
         do_cfg = self.true_cfg and req.guidance > 1.0
 
@@ -196,8 +200,12 @@ class Engine:
     def plan(self, txt_len: int, img_len: int) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
         key = (txt_len, img_len)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
             self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return self._plans[key]
 
     def _sync(self) -> float:

@@ -52,7 +52,7 @@ class Flux2Adapter:
         parallelize(self.tr, ctx)
 
     def load_lora(self, adapters: dict[str, str], dtype: torch.dtype) -> Any:
-        """Attach every ``{name: path}`` LoRA to the parallelized transformer (a ``lora.LoraBank``, or None)."""
+        """Attach every ``{name: path}`` LoRA to the parallelized transformer (a ``lora.LoraBank``, maybe empty)."""
         return lora.load_lora(self.tr, adapters, dtype, self.device)
 
     def blocks(self) -> list[torch.nn.Module]:

@@ -111,10 +111,11 @@ def lora_targets(tr: nn.Module) -> tuple[dict[str, list[Piece]], dict[str, tuple
     return targets, shapes
 
 
-def load_lora(tr: nn.Module, adapters: dict[str, str], dtype: torch.dtype, device: torch.device) -> LoraBank | None:
-    """Read every ``{name: path}`` adapter and attach the bank to the (parallelized) transformer."""
+def load_lora(tr: nn.Module, adapters: dict[str, str], dtype: torch.dtype, device: torch.device) -> LoraBank:
+    """Read every ``{name: path}`` adapter and attach the bank to the (parallelized) transformer (an empty
+    bank, touching nothing, when there are none)."""
     if not adapters:
-        return None
+        return LoraBank((), torch.zeros(0, device=device))
     read = {name: read_adapter(name, path) for name, path in adapters.items()}
     targets, shapes = lora_targets(tr)
     return attach(tr, {n: w for n, (w, _) in read.items()}, targets, shapes, dtype, device,
