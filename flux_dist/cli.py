@@ -144,6 +144,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .models.source import quantize_model
 
     setup_logging(0)
+    if args.calibrate:  # ModelOpt's own calibration and Hugging Face export (always its format)
+        from .models.source import calibrate_model
+        from .quant.modelopt import import_modelopt
+
+        import_modelopt()  # what to install, before reading anything
+        shape = {k.removeprefix("calib_"): v for k, v in vars(args).items() if k.startswith("calib_") and v is not None}
+        print(calibrate_model(args.model, args.path, read_prompts(args.calibrate), quant=args.quant, seed=args.seed,
+                              activations=args.activations, dtype=args.dtype, device=pick_device(args.device, 0),
+                              request=shape))
+        return 0
     n, mode = quantize_model(args.model, args.path, quant=args.quant, dtype=args.dtype,
                              device=pick_device(args.device, 0), seed=args.seed, fmt=args.format)
     print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path} ({args.format} format)")
@@ -238,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--format", choices=choices(CheckpointFormat), default="flux-dist",
                     help="flux-dist's own checkpoint, or NVIDIA ModelOpt's Hugging Face export format "
                     "(config.json quantization_config + hf_quant_config.json); --model DIR loads either")
+    qz.add_argument("--calibrate", metavar="PROMPTS", help="calibrate and export with NVIDIA ModelOpt itself over "
+                    "these prompts (.txt/.jsonl); needs pip install 'flux-dist[quant]' and --quant fp8|nvfp4")
+    qz.add_argument("--activations", choices=("static", "dynamic"), default="static", help="with --calibrate")
+    for flag, typ in (("height", int), ("width", int), ("steps", int), ("guidance", float), ("max-seq-len", int)):
+        qz.add_argument(f"--calib-{flag}", type=typ, dest=f"calib_{flag.replace('-', '_')}", help="default 1024/28")
     qz.set_defaults(func=cmd_quantize)
     s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
     s.add_argument("name")

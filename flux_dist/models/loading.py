@@ -21,8 +21,9 @@ from transformers import (
 )
 
 from ..quant import checkpoint_format
+from ..quant.published import check_plain_folder
 from .components import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
-from .flux2.quant_plan import load_quantized
+from .flux2.quant_plan import foreign_names, load_quantized
 
 # model_index.json _class_name -> family
 PIPELINE_FAMILIES: dict[str, str] = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}
@@ -103,7 +104,10 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     def sub(name: str) -> str:
         return os.path.join(path, name)
 
-    if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
+    quantized = checkpoint_format(sub("transformer"))
+    if not quantized:  # a quantized layout we do not read is an error naming what differs, never a bf16 load
+        check_plain_folder(sub("transformer"), foreign_names)
+    if quantized:  # `flux-dist quantize` (either format) or ModelOpt's export
         transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
     elif quant != "none":
         from .lowmem_load import load_transformer_streaming

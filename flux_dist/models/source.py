@@ -57,11 +57,12 @@ def quantize_model(model: str, path: str, *, quant: str, dtype: str, device: tor
 
 
 def calibrate_model(model: str, path: str, prompts: list[str], *, quant: str, activations: str, dtype: str,
-                    device: torch.device, seed: int = 0, request=None) -> tuple[int, str]:
+                    device: torch.device, seed: int = 0, request: dict | None = None) -> str:
     """``flux-dist quantize --calibrate``: NVIDIA ModelOpt's own ``mtq.quantize`` on the high-precision
     transformer (its FP8 / NVFP4 config, only the linears of flux-dist's plan), calibrated by prompts
     through flux-dist's denoise loop on the unfused model (``flux2.calibrate``), exported by ModelOpt's
-    own Hugging Face exporter into a whole model directory. Returns (quantized linears, ModelOpt config)."""
+    own Hugging Face exporter into a whole model directory. ``request``: CalibRequest fields to override.
+    Returns a one-line summary."""
     from ..devices import parse_dtype
     from ..quant import modelopt as mo
     from .flux2.calibrate import CalibRequest, calibration_loop
@@ -80,10 +81,13 @@ def calibrate_model(model: str, path: str, prompts: list[str], *, quant: str, ac
     c = load_model(model, dtype=torch_dtype, device=device, seed=seed, quant="none")
     tr = c.transformer
     planned = [n for n, _ in tr.named_modules() if quantizable(tr, n)]
-    loop = calibration_loop(c, prompts, request or CalibRequest(seed=seed), device, torch_dtype)
+    req = CalibRequest(**{"seed": seed, **(request or {})})
+    loop = calibration_loop(c, prompts, req, device, torch_dtype)
     mo.calibrate(tr, planned, loop, base, activations)
     try:
         save_components_with(c, path, lambda folder: mo.export(tr, folder, activations))
     except ValueError as e:
         raise FluxDistError(str(e)) from e
-    return len(planned), mo.CONFIGS[(base, activations)]
+    return (f"ModelOpt {mo.CONFIGS[(base, activations)]}: calibrated {len(planned)} linears on {len(prompts)} "
+            f"prompt(s) ({req.steps} steps, {req.height}x{req.width}), {activations} activations; exported "
+            f"{model} to {path} (ModelOpt's Hugging Face format, loads with --model {path})")

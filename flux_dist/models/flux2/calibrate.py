@@ -27,7 +27,7 @@ class CalibRequest:
     width: int = 1024
     steps: int = 28
     guidance: float = 4.0
-    max_sequence_length: int = 512
+    max_seq_len: int = 512
     seed: int = 0
 
 
@@ -44,7 +44,7 @@ def calibration_loop(c: Components, prompts: list[str], req: CalibRequest, devic
         for i, prompt in enumerate(prompts):
             seed = req.seed + i
             cfg = adapter.true_cfg and req.guidance > 1.0
-            enc = adapter.encode([prompt, ""] if cfg else [prompt], req.max_sequence_length, seed, dtype)
+            enc = adapter.encode([prompt, ""] if cfg else [prompt], req.max_seq_len, seed, dtype)
             x, img_ids = adapter.noise(req.height, req.width, seed, enc[0][0].dtype)
             timesteps, sigmas = adapter.schedule(req.steps, x.shape[1])
             branches = [adapter.prepare(e, ids, img_ids, req.guidance) for e, ids in enc]
