@@ -188,6 +188,12 @@ def activation_scaling(module: nn.Module) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
 
+def loaded_mode(module: nn.Module) -> str:
+    """The mode ``module``'s quantized linears run (one, or ``mixed``), ``none`` if it has none."""
+    modes = {m.mode for m in module.modules() if isinstance(m, QuantLinear)}
+    return modes.pop() if len(modes) == 1 else "mixed" if modes else "none"
+
+
 def count_quantized(module: nn.Module) -> int:
     return sum(isinstance(m, QuantLinear) for m in module.modules())
 
