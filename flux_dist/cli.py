@@ -11,63 +11,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CheckpointFormat, RunConfig, add_lora_specs, choices, load_config, to_dict
+from .cli_args import FLAGS, config_from_args  # noqa: F401 - FLAGS: the flag table, for tests and docs
+from .cli_args import build_parser as _build_parser
+from .config import RunConfig, to_dict
 from .errors import FluxDistError
 from .preflight import on_rank0_then_all, port_in_use, record_failure
 from .validation import check_outputs, check_request, check_run
 
 log = logging.getLogger("flux_dist")
-
-# flag -> dotted config key; each flag overrides the YAML file when given.
-FLAGS: dict[str, tuple[str, type]] = {
-    "--model": ("model.model", str),
-    "--dtype": ("model.dtype", str),
-    "--device": ("model.device", str),
-    "--quant": ("model.quant", str),
-    "--compile": ("model.compile", bool),
-    "--compile-cache-dir": ("model.compile_cache_dir", str),
-    "--cuda-graphs": ("model.cuda_graphs", bool),
-    "--attention": ("model.attention", str),
-    "--attention-fp8": ("model.attention_fp8", bool),
-    "--text-encoder": ("model.text_encoder", str),
-    "--text-encoder-placement": ("model.text_encoder_placement", str),
-    "--text-encoder-quant": ("model.text_encoder_quant", str),
-    "--prompt-cache-mb": ("model.prompt_cache_mb", float),
-    "--prompt": ("request.prompt", str),
-    "--negative-prompt": ("request.negative_prompt", str),
-    "--height": ("request.height", int),
-    "--width": ("request.width", int),
-    "--steps": ("request.steps", int),
-    "--guidance": ("request.guidance", float),
-    "--seed": ("request.seed", int),
-    "--max-sequence-length": ("request.max_sequence_length", int),
-    "--max-pixels": ("limits.max_pixels", int),
-    "--ulysses": ("parallel.ulysses", int),
-    "--ring": ("parallel.ring", int),
-    "--cfg-parallel": ("parallel.cfg_parallel", int),
-    "--cache": ("cache.mode", str),
-    "--cache-threshold": ("cache.threshold", float),
-    "--cache-warmup-steps": ("cache.warmup_steps", int),
-    "--cache-cutoff-steps": ("cache.cutoff_steps", int),
-    "--cache-coefficients": ("cache.coefficients", str),
-    "--output": ("output.output", str),
-    "--metrics": ("output.metrics", str),
-}
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (see configs/); flags override it")
-    for flag, (key, typ) in FLAGS.items():
-        dest = key.replace(".", "__")
-        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
-        p.add_argument(flag, **kind, default=None, dest=dest, help=f"overrides {key}")
-    p.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]", help="load a LoRA at start (repeatable; "
-                   "NAME: the file's stem) and apply it at SCALE (1.0); batch lines pick with 'lora': {NAME: scale}")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = {key: getattr(args, key.replace(".", "__")) for key, _ in FLAGS.values()}
-    return add_lora_specs(load_config(args.config, overrides), args.lora)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -162,6 +113,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .models.source import quantize_model
 
     setup_logging(0)
+    if args.calibrate:  # ModelOpt's own calibration and Hugging Face export (always its format)
+        from .models.source import calibrate_model
+        from .quant.modelopt import import_modelopt
+
+        import_modelopt()  # what to install, before reading anything
+        shape = {k.removeprefix("calib_"): v for k, v in vars(args).items() if k.startswith("calib_") and v is not None}
+        from .batch import read_prompts
+
+        print(calibrate_model(args.model, args.path, read_prompts(args.calibrate), quant=args.quant, seed=args.seed,
+                              activations=args.activations, dtype=args.dtype, device=pick_device(args.device, 0),
+                              request=shape))
+        return 0
     n, mode = quantize_model(args.model, args.path, quant=args.quant, dtype=args.dtype,
                              device=pick_device(args.device, 0), seed=args.seed, fmt=args.format)
     print(f"quantized {n} linears ({mode}) and saved {args.model} to {args.path} ({args.format} format)")
@@ -199,65 +162,11 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     engine.close()
     return 0
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux-dist", description="Distributed FLUX.2 inference")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate one image (one process, or every rank under torchrun)")
-    _add_run_flags(g)
-    g.add_argument("--prompts-file", help="batch mode: one request a line (.txt prompts, or .jsonl objects)")
-    g.add_argument("--output-dir", default="out/batch", help="batch mode: images and manifest.json go here")
-    g.set_defaults(func=cmd_generate)
-    k = sub.add_parser("calibrate-cache", help="fit TeaCache coefficients for a model over a prompts file")
-    _add_run_flags(k)
-    k.add_argument("--prompts-file", required=True, help=".txt (one prompt a line) or .jsonl with 'prompt'")
-    k.add_argument("--coefficients-file", dest="calib_output", required=True,
-                   help="YAML to write (what --cache-coefficients reads)")
-    k.add_argument("--degree", type=int, default=4)
-    k.set_defaults(func=cmd_calibrate_cache)
-    v = sub.add_parser("serve", help="serve HTTP (OpenAI images API) from rank 0, every rank computing")
-    _add_run_flags(v)
-    v.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env FLUX_DIST_API_KEY)")
-    v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429")
-    v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
-    v.add_argument("--request-timeout", type=float, default=600.0,
-                   help="deadline in seconds from arrival: the request is stopped at the next step and answered 504")
-    v.add_argument("--max-work", type=int, default=None,
-                   help="largest width x height x steps x n a request may ask for, else 400 (0: no limit; "
-                   "default 209715200 = 2048x2048 x 50 steps x 1)")
-    v.add_argument("--read-timeout", type=float, default=10.0,
-                   help="seconds for a request's head (and an idle connection), and again for its body")
-    v.add_argument("--max-connections", type=int, default=64,
-                   help="open connections over this get 503; over twice this are closed at once")
-    v.set_defaults(func=cmd_serve)
-    r = sub.add_parser("ray-generate", help="generate one image on a Ray cluster (one actor per rank)")
-    _add_run_flags(r)
-    r.add_argument("--address", default=None,
-                   help="Ray cluster (HOST:PORT, ray://..., or auto: the one `ray start` began on this machine); "
-                   "default RAY_ADDRESS, else a new local cluster")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
-    r.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole request, loading included")
-    r.set_defaults(func=cmd_ray_generate)
-    qz = sub.add_parser("quantize", help="quantize a model's transformer once and save it (load with --model DIR)")
-    qz.add_argument("model", help="a preset name or a local diffusers-format directory")
-    qz.add_argument("path")
-    qz.add_argument("--quant", default="auto")
-    qz.add_argument("--dtype", default="bfloat16")
-    qz.add_argument("--device", default="auto")
-    qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--format", choices=choices(CheckpointFormat), default="flux-dist",
-                    help="flux-dist's own checkpoint, or NVIDIA ModelOpt's Hugging Face export format "
-                    "(config.json quantization_config + hf_quant_config.json); --model DIR loads either")
-    qz.set_defaults(func=cmd_quantize)
-    s = sub.add_parser("save-preset", help="save a preset's random weights as a diffusers directory")
-    s.add_argument("name")
-    s.add_argument("path")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_save_preset)
-    return parser
+def build_parser():
+    """The parser, each subcommand bound to its function here."""
+    return _build_parser({"generate": cmd_generate, "serve": cmd_serve, "ray_generate": cmd_ray_generate,
+                          "quantize": cmd_quantize, "save_preset": cmd_save_preset,
+                          "calibrate_cache": cmd_calibrate_cache})
 
 
 def _rank() -> str:

@@ -77,7 +77,12 @@ class Engine:
         self.true_cfg = self.model.true_cfg
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
         self.coefficients = resolve_coefficients(cfg.cache, self.model.teacache_coefficients, self.model.name)
-        n_quant = self.model.quantize(self.quant)  # quantize (what the load did not already)
+        n_quant = self.model.quantize(self.quant) or quant.count_quantized(self.model.tr)  # what the load did not
+        if self.quant == "none" and n_quant:  # a quantized checkpoint runs (and is reported) in its own format
+            self.quant = quant.loaded_mode(self.model.tr)
+        self.activations = quant.activation_scaling(self.model.tr)  # static (calibrated input_scale) / dynamic
+        if m.quant not in ("none", "auto") and n_quant == 0:
+            log.warning("*** --quant %s asked for, but NO linear is quantized: running %s ***", m.quant, m.dtype)
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)
         self.ctx = AttnContext(self.mesh, kernel=kernel)
         self.model.parallelize(self.ctx)  # parallelize
@@ -89,8 +94,8 @@ class Engine:
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
         self._plans: OrderedDict[tuple[int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
-        log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s, LoRA %s", self.model.name,
-                 self.quant, n_quant, kernel.label, m.compile, self.mesh.describe(), self.lora.describe() or "none")
+        log.info("model %s: quant=%s (%d linears, %s activations), attention=%s, compile=%s, layout %s",
+                 self.model.name, self.quant, n_quant, self.activations, kernel.label, m.compile, self.mesh.describe())
         if self.model.text_encoder_label == "random-embeddings":
             log.warning("model '%s' has no text encoder here: prompts become seeded random embeddings "
                         "(benchmark shapes, not images)", self.model.name)
@@ -176,6 +181,7 @@ class Engine:
         out = {
             "model": self.model.name, "text_encoder": self.model.text_encoder_label, "layout": self.mesh.describe(),
             "device": str(self.dist.device), "dtype": m.dtype, "quant": self.quant,
+            "quant_activations": self.activations,
             "attention": self.ctx.kernel.label, "compile": m.compile, "cuda_graphs": m.cuda_graphs,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
                         "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg,

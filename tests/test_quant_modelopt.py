@@ -1,7 +1,8 @@
 """Quantized transformers in NVIDIA ModelOpt's Hugging Face checkpoint format (nvidia-modelopt 0.47.0).
 
 The conventions hard-coded here are read from modelopt 0.47.0's source (modelopt/torch/export/...),
-each cited where it is used; the tests do not import modelopt (it is not a dependency).
+each cited where it is used; these tests do not import modelopt (tests/test_quant_modelopt_e2e.py runs
+ModelOpt itself).
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ def test_hand_made_fp8_checkpoint_loads(tmp_path, per_channel):
     finally:
         logging.getLogger("flux_dist").removeHandler(rec)
     assert mode == "fp8-emulate"  # no FP8 GEMM on CPU
-    assert any("input_scale" in m and "ignored" in m for m in rec.messages)
+    assert any("activations static (1 static input_scale)" in m for m in rec.messages)
     lin = tr.get_submodule(LIN)
     assert isinstance(lin, QuantLinear) and lin.weight_scale.shape == (1, n)
+    assert lin.input_scale is not None and float(lin.input_scale) == pytest.approx(0.02)  # kept and used
     assert sum(isinstance(m, QuantLinear) for m in tr.modules()) == 1  # the others stay as they were
     assert type(tr.get_submodule("transformer_blocks.0.attn.to_k")) is torch.nn.Linear
     # ModelOpt's dequantization (quant_utils.py::from_quantized_weight, FP8): q * weight_scale, in float64

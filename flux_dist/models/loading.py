@@ -22,8 +22,9 @@ from transformers import (
 
 from ..errors import FluxDistError
 from ..quant import checkpoint_format
+from ..quant.published import check_plain_folder
 from .components import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
-from .flux2.quant_plan import load_quantized
+from .flux2.quant_plan import foreign_names, load_quantized
 
 # model_index.json _class_name -> family
 PIPELINE_FAMILIES: dict[str, str] = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}
@@ -118,7 +119,10 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
         return os.path.join(path, name)
 
     loaded = "none"  # the mode a directory saved quantized runs in
-    if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
+    quantized = checkpoint_format(sub("transformer"))
+    if not quantized:  # a quantized layout we do not read is an error naming what differs, never a bf16 load
+        check_plain_folder(sub("transformer"), foreign_names)
+    if quantized:  # `flux-dist quantize` (either format) or ModelOpt's export
         transformer, loaded = _component(path, "transformer", lambda: load_quantized(sub("transformer"), device, dtype))
     elif quant != "none":  # read and quantized block by block, never the whole high-precision transformer
         from .lowmem_load import load_transformer_streaming

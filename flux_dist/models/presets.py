@@ -113,6 +113,12 @@ def save_components_quantized(c: Components, path: str, mode: str, fmt: str = "f
     ``flux-dist`` (our own) or ``modelopt`` (NVIDIA ModelOpt's Hugging Face export format)."""
     from ..quant import save_quantized
 
+    save_components_with(c, path, lambda folder: save_quantized(c.transformer, mode, folder, fmt=fmt))
+
+
+def save_components_with(c: Components, path: str, save_transformer) -> None:
+    """A whole model directory (``--model DIR``): model_index.json, the VAE, scheduler, text encoder and
+    tokenizer as diffusers saves them, and the transformer folder written by ``save_transformer(folder)``."""
     if c.text_encoder is None or c.tokenizer is None:
         raise ValueError(f"{c.name} has no text encoder here (random prompt embeddings): nothing to save it with")
     os.makedirs(path, exist_ok=True)
@@ -120,7 +126,7 @@ def save_components_quantized(c: Components, path: str, mode: str, fmt: str = "f
     pipe.save_config(path)  # model_index.json
     for name in ("vae", "scheduler", "text_encoder", "tokenizer"):
         getattr(c, name).save_pretrained(os.path.join(path, name))
-    save_quantized(c.transformer, mode, os.path.join(path, "transformer"), fmt=fmt)
+    save_transformer(os.path.join(path, "transformer"))
 
 
 def save_components(c: Components, path: str) -> None:

@@ -66,3 +66,40 @@ def quantize_model(model: str, path: str, *, quant: str, dtype: str, device: tor
     except ValueError as e:
         raise FluxDistError(str(e)) from e
     return n, mode
+
+
+def calibrate_model(model: str, path: str, prompts: list[str], *, quant: str, activations: str, dtype: str,
+                    device: torch.device, seed: int = 0, request: dict | None = None) -> str:
+    """``flux-dist quantize --calibrate``: NVIDIA ModelOpt's own ``mtq.quantize`` on the high-precision
+    transformer (its FP8 / NVFP4 config, only the linears of flux-dist's plan), calibrated by prompts
+    through flux-dist's denoise loop on the unfused model (``flux2.calibrate``), exported by ModelOpt's
+    own Hugging Face exporter into a whole model directory. ``request``: CalibRequest fields to override.
+    Returns a one-line summary."""
+    from ..devices import parse_dtype
+    from ..quant import modelopt as mo
+    from .flux2.calibrate import CalibRequest, calibration_loop
+    from .flux2.quant_plan import quantizable
+    from .presets import save_components_with
+
+    base = quant.removesuffix("-emulate")
+    if base not in ("fp8", "nvfp4"):
+        raise FluxDistError(f"--calibrate needs --quant fp8 or nvfp4, got '{quant}'")
+    if activations not in mo.ACTIVATIONS:
+        raise FluxDistError(f"--activations must be one of {', '.join(mo.ACTIVATIONS)}, got '{activations}'")
+    mo.import_modelopt()  # before the (slow) load: say what to install
+    if not prompts:
+        raise FluxDistError("--calibrate: no prompts")
+    torch_dtype = parse_dtype(dtype)
+    c = load_model(model, dtype=torch_dtype, device=device, seed=seed, quant="none")
+    tr = c.transformer
+    planned = [n for n, _ in tr.named_modules() if quantizable(tr, n)]
+    req = CalibRequest(**{"seed": seed, **(request or {})})
+    loop = calibration_loop(c, prompts, req, device, torch_dtype)
+    mo.calibrate(tr, planned, loop, base, activations)
+    try:
+        save_components_with(c, path, lambda folder: mo.export(tr, folder, activations))
+    except ValueError as e:
+        raise FluxDistError(str(e)) from e
+    return (f"ModelOpt {mo.CONFIGS[(base, activations)]}: calibrated {len(planned)} linears on {len(prompts)} "
+            f"prompt(s) ({req.steps} steps, {req.height}x{req.width}), {activations} activations; exported "
+            f"{model} to {path} (ModelOpt's Hugging Face format, loads with --model {path})")

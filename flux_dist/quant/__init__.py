@@ -9,8 +9,10 @@ from .linear import (
     MODES,
     RESOLVED_MODES,
     QuantLinear,
+    activation_scaling,
     concat_linears,
     count_quantized,
+    loaded_mode,
     quantize_linears,
     resolve_mode,
     slice_linear,
@@ -28,6 +30,6 @@ from .numerics import (
 )
 
 __all__ = ["BLOCK", "FORMATS", "FP4_GRID", "FP4_MAX", "FP8", "FP8_MAX", "MODES", "RESOLVED_MODES", "QuantLinear",
-           "QuantPlan", "checkpoint_format", "concat_linears", "count_quantized", "dequantize_fp8",
-           "dequantize_nvfp4", "load_quantized_into", "quantize_fp8_rowwise", "quantize_linears",
-           "quantize_nvfp4", "resolve_mode", "save_quantized", "slice_linear"]
+           "QuantPlan", "activation_scaling", "checkpoint_format", "concat_linears", "count_quantized",
+           "dequantize_fp8", "dequantize_nvfp4", "load_quantized_into", "loaded_mode", "quantize_fp8_rowwise",
+           "quantize_linears", "quantize_nvfp4", "resolve_mode", "save_quantized", "slice_linear"]

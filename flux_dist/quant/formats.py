@@ -17,7 +17,9 @@ convert_hf_config.py::convert_hf_quant_config_format); the LLM path also writes 
                              0-d = amax / (6 * 448); input_scale fp32 0-d;
                              w = e2m1 * weight_scale * weight_scale_2 (NVFP4QTensor.dequantize)
 (unified_export_hf.py::_export_quantized_weight, quant_utils.py::to_quantized_weight). Our buffers use
-the same conventions, so conversion is renaming and reshaping only.
+the same conventions, so conversion is renaming and reshaping only. A calibrated ``input_scale`` is kept
+and used (static per-tensor activations); without one, activations are quantized per token. These
+conventions are checked against modelopt itself (tests/test_quant_modelopt_e2e.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn as nn
 
 from ..config import CheckpointFormat, choices
 from ..errors import FluxDistError
-from .linear import QuantLinear, cast_unquantized_, runnable_mode, set_mode
+from .linear import QuantLinear, activation_scaling, cast_unquantized_, runnable_mode, set_input_scale, set_mode
 from .numerics import BLOCK, FP8
 
 log = logging.getLogger("flux_dist")
@@ -110,8 +112,8 @@ def save_quantized(model: nn.Module, mode: str, folder: str, fmt: str = "flux-di
 
     ``flux-dist``: config + our QuantLinear buffers + flux_dist_quant.json. ``modelopt``: NVIDIA
     ModelOpt's HF format (see above): config.json with ``quantization_config``, hf_quant_config.json,
-    diffusion_pytorch_model.safetensors. No ``input_scale`` is written: activations are quantized per
-    token at run time, there is no calibrated static scale to give.
+    diffusion_pytorch_model.safetensors. ``input_scale`` is written for linears that have one (a loaded
+    calibrated checkpoint); the others quantize activations per token at run time.
     """
     from safetensors.torch import save_file
 
@@ -226,12 +228,15 @@ def _from_modelopt(shell: nn.Module, folder: str, device: torch.device, plan: Qu
                                 f"quantized (it quantizes {plan.summary})")
         parent, _, leaf = name.rpartition(".")
         setattr(shell.get_submodule(parent), leaf, QuantLinear(shell.get_submodule(name), base))
-    n_input = 0
     out: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         prefix, _, leaf = k.rpartition(".")
         if prefix in quantized and leaf == "input_scale":
-            n_input += 1
+            if v.numel() != 1:
+                raise FluxDistError(f"{folder}: '{k}' has shape {tuple(v.shape)}: flux-dist reads one static "
+                                    "activation scale per tensor")
+            inputs[prefix] = v
             continue
         out[k] = v
     for name in quantized:
@@ -249,11 +254,11 @@ def _from_modelopt(shell: nn.Module, folder: str, device: torch.device, plan: Qu
     missing = sorted(expected - set(out))
     if missing:
         raise FluxDistError(f"{folder}: ModelOpt checkpoint lacks {', '.join(missing[:5])}")
-    if n_input:
-        log.info("ModelOpt checkpoint: %d static input_scale(s) ignored (flux-dist quantizes activations "
-                 "per token at run time)", n_input)
     shell.load_state_dict(out, strict=True, assign=True)
-    log.info("loaded ModelOpt %s checkpoint %s: %d quantized linears", algo, folder, len(quantized))
+    for name, t in inputs.items():
+        set_input_scale(shell.get_submodule(name), t)
+    log.info("loaded ModelOpt %s checkpoint %s: %d quantized linears, activations %s (%d static input_scale)",
+             algo, folder, len(quantized), activation_scaling(shell), len(inputs))
     return base
 
 
@@ -275,8 +280,11 @@ def load_quantized_into(shell: nn.Module, folder: str, device: torch.device, pla
             mode = json.load(f)["mode"]
         with torch.device("meta"):
             plan.quantize(shell, mode)
-        shell.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device)), strict=True,
-                              assign=True)
+        sd = load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device))
+        scales = {k.removesuffix(".input_scale"): sd.pop(k) for k in list(sd) if k.endswith(".input_scale")}
+        shell.load_state_dict(sd, strict=True, assign=True)
+        for name, t in scales.items():
+            set_input_scale(shell.get_submodule(name), t)
     else:
         mode = _from_modelopt(shell, folder, device, plan)
     mode = runnable_mode(mode, device)

@@ -1,6 +1,7 @@
 """The quantized linear: FP8 (Hopper, Ada) and NVFP4 (Blackwell) weights, activations per token.
 
-FP8: E4M3 weights with one scale per output channel, activations quantized per token at run time,
+FP8: E4M3 weights with one scale per output channel, activations quantized per token at run time (or,
+where a calibrated checkpoint gives one, with its static per-tensor ``input_scale``),
 one ``torch._scaled_mm`` (row-wise scales, bf16 out) per linear. NVFP4: E2M1 values, one E4M3 scale
 per 16 elements and one FP32 scale per tensor; its GEMM exists only on sm_100+ (``torch._scaled_mm``
 with ``float4_e2m1fn_x2``). Where a kernel cannot run (CPU, or NVFP4 before Blackwell) the layer can
@@ -25,6 +26,7 @@ from .numerics import (
     dequantize_fp8,
     dequantize_nvfp4,
     quantize_fp8_rowwise,
+    quantize_fp8_static,
     quantize_nvfp4,
     to_blocked,
 )
@@ -36,7 +38,9 @@ RESOLVED_MODES = tuple(m for m in MODES if m != "auto")  # what resolve_mode ret
 
 
 class QuantLinear(nn.Module):
-    """A linear whose weight is stored quantized; activations are quantized per call."""
+    """A linear whose weight is stored quantized; activations are quantized per call: per token, or with
+    the static per-tensor ``input_scale`` buffer where one is set (``set_input_scale``; FP8: the E4M3
+    scale, NVFP4: the global scale over dynamic 16-element block scales)."""
 
     def __init__(self, lin: nn.Linear, mode: str) -> None:
         super().__init__()
@@ -45,6 +49,7 @@ class QuantLinear(nn.Module):
         if mode.endswith("-emulate"):
             mode = mode.removesuffix("-emulate")
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        self.register_buffer("input_scale", None)
         w = lin.weight.detach()
         if mode.startswith("fp8"):
             q, s = quantize_fp8_rowwise(w)
@@ -62,25 +67,26 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        s = self.input_scale
         if self.mode == "fp8":
-            xq, xs = quantize_fp8_rowwise(x2)
+            xq, xs = quantize_fp8_rowwise(x2) if s is None else quantize_fp8_static(x2, s)
             y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
                                  bias=self.bias, out_dtype=self.out_dtype)
         elif self.mode == "fp8-emulate":
             w = dequantize_fp8(self.weight_q, self.weight_scale.reshape(-1, 1))
-            y = dequantize_fp8(*quantize_fp8_rowwise(x2)) @ w.t()
+            y = dequantize_fp8(*(quantize_fp8_rowwise(x2) if s is None else quantize_fp8_static(x2, s))) @ w.t()
             y = (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
         elif self.mode == "nvfp4":
             y = self._nvfp4_gemm(x2)
         else:  # nvfp4-emulate
             w = dequantize_nvfp4(self.weight_q, self.weight_block_scale, self.weight_global)
-            y = dequantize_nvfp4(*quantize_nvfp4(x2, per_row=True)) @ w.t()
+            y = dequantize_nvfp4(*quantize_nvfp4(x2, per_row=True, global_scale=s)) @ w.t()
             y = (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _nvfp4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """Blackwell path: FP4 x FP4 with swizzled E4M3 block scales; the two global scales after."""
-        xp, xbs, xg = quantize_nvfp4(x2, per_row=True)
+        xp, xbs, xg = quantize_nvfp4(x2, per_row=True, global_scale=self.input_scale)
         fp4 = torch.float4_e2m1fn_x2
         y = torch._scaled_mm(xp.view(fp4), self.weight_q.view(fp4).t(), scale_a=to_blocked(xbs),
                              scale_b=to_blocked(self.weight_block_scale), out_dtype=torch.bfloat16)
@@ -112,6 +118,7 @@ def slice_linear(lin: nn.Module, rows: slice | None = None, cols: slice | None =
     new.mode, new.out_dtype = lin.mode, lin.out_dtype
     keep_bias = lin.bias is not None and cols == slice(None)
     new.bias = nn.Parameter(lin.bias.detach()[rows], requires_grad=False) if keep_bias else None
+    new.register_buffer("input_scale", lin.input_scale)  # per tensor: the same for any block of the weight
     if lin.mode.startswith("fp8"):
         new.register_buffer("weight_q", lin.weight_q[rows, cols].contiguous())
         new.register_buffer("weight_scale", lin.weight_scale[:, rows].contiguous())
@@ -139,6 +146,9 @@ def concat_linears(lins: list[nn.Module]) -> nn.Module | None:
         return out.requires_grad_(False)
     if not all(isinstance(m, QuantLinear) and m.mode.startswith("fp8") for m in lins):
         return None
+    scales = [m.input_scale for m in lins]
+    if any(s is not None for s in scales) and not all(s is not None and torch.equal(s, scales[0]) for s in scales):
+        return None  # different static input scales: one GEMM cannot give each linear's numbers
     new = slice_linear(lins[0])
     new.weight_q = torch.cat([m.weight_q for m in lins])
     new.weight_scale = torch.cat([m.weight_scale for m in lins], dim=1)
@@ -164,6 +174,24 @@ def quantize_linears(module: nn.Module, names: Iterable[str], mode: str) -> int:
             setattr(module.get_submodule(parent), leaf, QuantLinear(mod, mode))
             n += 1
     return n
+
+
+def set_input_scale(lin: QuantLinear, scale: torch.Tensor | None) -> None:
+    """Give ``lin`` a static per-tensor activation scale (0-d float32), or None for per-token ones."""
+    lin.input_scale = None if scale is None else scale.detach().float().reshape(()).to(lin.weight_q.device)
+
+
+def activation_scaling(module: nn.Module) -> str:
+    """How ``module``'s quantized linears scale activations: static, dynamic, mixed, or none (none quantized)."""
+    kinds = {"static" if m.input_scale is not None else "dynamic" for m in module.modules()
+             if isinstance(m, QuantLinear)}
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
+
+
+def loaded_mode(module: nn.Module) -> str:
+    """The mode ``module``'s quantized linears run (one, or ``mixed``), ``none`` if it has none."""
+    modes = {m.mode for m in module.modules() if isinstance(m, QuantLinear)}
+    return modes.pop() if len(modes) == 1 else "mixed" if modes else "none"
 
 
 def count_quantized(module: nn.Module) -> int:

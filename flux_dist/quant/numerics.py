@@ -26,6 +26,13 @@ def quantize_fp8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 with one calibrated per-tensor scale (a checkpoint's ``input_scale``), saturating; returns
+    ``(q, scale as [rows, 1])`` so the row-wise GEMM takes it like a per-token scale."""
+    q = (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.float().reshape(1, 1).expand(*x.shape[:-1], 1).contiguous()
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
@@ -42,18 +49,23 @@ def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
     return torch.where(tie & (idx % 2 == 1), idx + 1, idx)
 
 
-def quantize_nvfp4(x: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_nvfp4(x: torch.Tensor, per_row: bool = False,
+                   global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(packed uint8 [..., K/2], block scales e4m3 [..., K/16], global fp32 scale)``.
 
     ``x ~ e2m1 * block_scale * global``; global = amax / (448 * 6) so block scales fill E4M3's range.
     Weights take one global scale per tensor; activations one per token (``per_row``), so a token
     quantizes the same whichever rank holds it and the result does not depend on the layout.
+    ``global_scale``: a calibrated per-tensor one (a checkpoint's ``input_scale``), block scales saturate.
     """
     if x.shape[-1] % BLOCK:
         raise FluxDistError(f"NVFP4 needs the inner dimension to be a multiple of {BLOCK}, got {x.shape[-1]}")
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(())
-    g = amax.clamp(min=1e-12) / (FP8_MAX * FP4_MAX)
+    if global_scale is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(())
+        g = amax.clamp(min=1e-12) / (FP8_MAX * FP4_MAX)
+    else:
+        g = global_scale.float().reshape(())
     blocks = xf.reshape(*x.shape[:-1], -1, BLOCK)
     bs = (blocks.abs().amax(-1) / FP4_MAX / g).clamp(max=FP8_MAX).to(FP8)  # E4M3 block scale
     denom = (bs.float() * g).unsqueeze(-1)

@@ -10,6 +10,7 @@ the file's metadata (rank and alpha per module) — so each module's ``alpha / r
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -22,6 +23,7 @@ from ...errors import FluxDistError, NotSupportedError
 from ...lora import LoraBank, LoraWeights, Piece, attach
 from ...quant import QuantLinear
 
+log = logging.getLogger("flux_dist")
 FUSED_QKV = {"img": ("to_q", "to_k", "to_v"), "txt": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
@@ -118,5 +120,7 @@ def load_lora(tr: nn.Module, adapters: dict[str, str], dtype: torch.dtype, devic
         return LoraBank((), torch.zeros(0, device=device))
     read = {name: read_adapter(name, path) for name, path in adapters.items()}
     targets, shapes = lora_targets(tr)
-    return attach(tr, {n: w for n, (w, _) in read.items()}, targets, shapes, dtype, device,
+    bank = attach(tr, {n: w for n, (w, _) in read.items()}, targets, shapes, dtype, device,
                   info={n: i for n, (_, i) in read.items()})
+    log.info("LoRA: %d adapter(s) on %d linears: %s", len(bank.names), bank.wrapped, bank.describe())
+    return bank

@@ -74,3 +74,13 @@ def load_quantized(folder: str, device, dtype=None) -> tuple[Flux2Transformer2DM
         tr = Flux2Transformer2DModel.from_config(cfg)
     mode = load_quantized_into(tr, folder, device, PLAN, dtype)
     return tr.eval().requires_grad_(False), mode
+
+
+def foreign_names(keys: list[str]) -> str | None:
+    """What differs when a checkpoint uses Black Forest Labs' original FLUX.2 key names (their single files,
+    ComfyUI's) rather than diffusers' (``quant.published.check_plain_folder`` names it in its error)."""
+    bfl = [k for k in keys if k.startswith(("double_blocks.", "single_blocks.", "model.diffusion_model."))]
+    if not bfl:
+        return None
+    return (f"Black Forest Labs' original key names (e.g. '{bfl[0]}'; double blocks' q/k/v packed in one "
+            "'img_attn.qkv' tensor) instead of diffusers' (transformer_blocks.N.attn.to_q / to_k / to_v)")
