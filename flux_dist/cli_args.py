@@ -19,6 +19,7 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--cuda-graphs": ("model.cuda_graphs", bool),
     "--attention": ("model.attention", str),
     "--attention-fp8": ("model.attention_fp8", bool),
+    "--fp8-fast-accum": ("model.fp8_fast_accum", bool),
     "--text-encoder": ("model.text_encoder", str),
     "--text-encoder-placement": ("model.text_encoder_placement", str),
     "--text-encoder-quant": ("model.text_encoder_quant", str),

@@ -49,6 +49,7 @@ class ModelConfig:
     compile_cache_dir: str | None = None  # persistent inductor cache (warm starts)
     cuda_graphs: bool = False  # capture the block stack per shape and replay it every step (CUDA only)
     attention: AttentionBackend = "auto"  # a missing kernel falls back with a notice
+    fp8_fast_accum: bool = False  # FP8 GEMMs with cuBLAS' fast accumulation (BENCHMARKS.md, issue 17)
     attention_fp8: bool = False  # FP8 (E4M3, per-head scales) q/k/v into FA3 (Hopper); bf16 elsewhere
     text_encoder: TextEncoderMode = "auto"  # auto: the model's encoder, cut to the layers FLUX.2 reads
     text_encoder_placement: TextEncoderPlacement = "auto"  # where the encoder runs (parallel/text_encoder.py)

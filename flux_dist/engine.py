@@ -85,7 +85,9 @@ class Engine:
             log.warning("*** --quant %s asked for, but NO linear is quantized: running %s ***", m.quant, m.dtype)
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)
         self.ctx = AttnContext(self.mesh, kernel=kernel)
-        self.model.parallelize(self.ctx)  # parallelize
+        self.model.parallelize(self.ctx)  # parallelize (the fused / split linears exist from here on)
+        for block in self.model.blocks():
+            quant.set_fast_accum(block, m.fp8_fast_accum)
         self.lora = self.model.load_lora(m.lora, self.dtype)  # LoRA bank: every adapter, unmerged (maybe none)
         self.fns = self.model.step_fns
         if m.compile:  # compile: each block, and the step's work outside them (all a skipped cache step runs)
@@ -183,6 +185,7 @@ class Engine:
             "device": str(self.dist.device), "dtype": m.dtype, "quant": self.quant,
             "quant_activations": self.activations,
             "attention": self.ctx.kernel.label, "compile": m.compile, "cuda_graphs": m.cuda_graphs,
+            "fp8_fast_accum": m.fp8_fast_accum,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
                         "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg,
                         "lora": dict(req.lora or {})},

@@ -213,3 +213,16 @@ def test_auto_picks_by_compute_capability(monkeypatch, cap, auto):
             resolve_mode("fp8", gpu)
     else:
         assert resolve_mode("fp8", gpu) == "fp8"
+
+
+def test_fp8_fast_accum_reaches_every_quantized_linear_and_the_metrics():
+    """--fp8-fast-accum sets every QuantLinear, the fused and split ones the layout made too."""
+    cfg = _cfg(quant="fp8-emulate")
+    cfg.model = dataclasses.replace(cfg.model, fp8_fast_accum=True)
+    eng = Engine(cfg)
+    lins = [m for m in eng.model.tr.modules() if isinstance(m, QuantLinear)]
+    assert lins and all(m.fast_accum for m in lins)
+    assert any(".fd_" in n for n, m in eng.model.tr.named_modules() if isinstance(m, QuantLinear))
+    assert eng.generate(eng.cfg.request, decode=False).metrics["fp8_fast_accum"] is True
+    assert not any(m.fast_accum for m in Engine(_cfg(quant="fp8-emulate")).model.tr.modules()
+                   if isinstance(m, QuantLinear))

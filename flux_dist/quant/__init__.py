@@ -15,6 +15,7 @@ from .linear import (
     loaded_mode,
     quantize_linears,
     resolve_mode,
+    set_fast_accum,
     slice_linear,
 )
 from .numerics import (
@@ -32,4 +33,4 @@ from .numerics import (
 __all__ = ["BLOCK", "FORMATS", "FP4_GRID", "FP4_MAX", "FP8", "FP8_MAX", "MODES", "RESOLVED_MODES", "QuantLinear",
            "QuantPlan", "activation_scaling", "checkpoint_format", "concat_linears", "count_quantized",
            "dequantize_fp8", "dequantize_nvfp4", "load_quantized_into", "loaded_mode", "quantize_fp8_rowwise",
-           "quantize_linears", "quantize_nvfp4", "resolve_mode", "save_quantized", "slice_linear"]
+           "quantize_linears", "quantize_nvfp4", "resolve_mode", "set_fast_accum", "save_quantized", "slice_linear"]

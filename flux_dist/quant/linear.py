@@ -42,6 +42,10 @@ class QuantLinear(nn.Module):
     the static per-tensor ``input_scale`` buffer where one is set (``set_input_scale``; FP8: the E4M3
     scale, NVFP4: the global scale over dynamic 16-element block scales)."""
 
+    # FP8 GEMM accumulation: cuBLAS' fast mode was 2-11% faster at FLUX.2's shapes on an H200 for 2.4e-3 /
+    # 3.7e-3 relative error against 1.7e-3 (a tenth of FP8 rounding; BENCHMARKS.md, issue 17). ``set_fast_accum``.
+    fast_accum: bool = False
+
     def __init__(self, lin: nn.Linear, mode: str) -> None:
         super().__init__()
         self.mode, self.in_features, self.out_features = mode, lin.in_features, lin.out_features
@@ -71,7 +75,7 @@ class QuantLinear(nn.Module):
         if self.mode == "fp8":
             xq, xs = quantize_fp8_rowwise(x2) if s is None else quantize_fp8_static(x2, s)
             y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale,
-                                 bias=self.bias, out_dtype=self.out_dtype)
+                                 bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
         elif self.mode == "fp8-emulate":
             w = dequantize_fp8(self.weight_q, self.weight_scale.reshape(-1, 1))
             y = dequantize_fp8(*(quantize_fp8_rowwise(x2) if s is None else quantize_fp8_static(x2, s))) @ w.t()
@@ -172,6 +176,16 @@ def quantize_linears(module: nn.Module, names: Iterable[str], mode: str) -> int:
         if isinstance(mod, nn.Linear) and name in wanted:
             parent, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(parent), leaf, QuantLinear(mod, mode))
+            n += 1
+    return n
+
+
+def set_fast_accum(module: nn.Module, on: bool) -> int:
+    """FP8 GEMMs of ``module``'s quantized linears with fast (or precise) accumulation; returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.fast_accum = bool(on)
             n += 1
     return n
 
