@@ -288,3 +288,44 @@ def test_cli_flags_and_batch_lines(tmp_path, loras):
         want = eng.generate(dataclasses.replace(cfg.request, prompt=lines[0]["prompt"], seed=7, lora=item["lora"]))
         got = np.asarray(Image.open(tmp_path / "out" / item["file"]))
         assert np.array_equal(got, np.asarray(want.image))
+
+
+def test_server_switches_adapters_per_request(tmp_path, loras):
+    """A torchrun server (2 ranks, Ulysses 2) with two adapters preloaded: each request (a, a+b, none) gets the
+    image a fresh one-process engine gives; unknown names and bad scales are 400s; /v1/models lists them."""
+    import base64
+    import io
+
+    from server_utils import SMALL, Server, call
+
+    paths = loras["flux2-tiny"]
+    s = Server(["--config", "configs/tiny.yaml", *SMALL, "--lora", f"a={paths['a']}", "--lora", f"b={paths['b']}"],
+               log_path=tmp_path / "server.log")
+    try:
+        s.wait_ready()
+        status, _, body = call(s.port, "GET", "/v1/models")
+        adapters = json.loads(body)["data"][0]["lora"]
+        assert status == 200 and [a["name"] for a in adapters] == ["a", "b"]
+        assert all("path" not in a for a in adapters)
+        got = []
+        for sel in ({"a": 1.0}, {"a": 0.7, "b": -0.4}, {}):
+            status, _, body = call(s.port, "POST", "/v1/images/generations",
+                                   {"prompt": "a red fox", "seed": 5, "size": "64x64", "lora": sel},
+                                   headers={"Content-Type": "application/json"})
+            assert status == 200, body
+            png = base64.b64decode(json.loads(body)["data"][0]["b64_json"])
+            got.append(np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16))
+        for sel, bad in (({"zzz": 1.0}, "zzz"), ({"a": "x"}, "a"), ({"a": 1e9}, "a")):
+            status, _, body = call(s.port, "POST", "/v1/images/generations",
+                                   {"prompt": "a red fox", "size": "64x64", "lora": sel},
+                                   headers={"Content-Type": "application/json"})
+            assert status == 400 and bad in body.decode(), (sel, status, body)
+    finally:
+        s.stop()
+    cfg = make_cfg("flux2-tiny", paths, height=64, width=64, max_sequence_length=16)
+    cfg.request = dataclasses.replace(cfg.request, prompt="a red fox", seed=5, steps=2)
+    eng = Engine(cfg)
+    for img, sel in zip(got, ({"a": 1.0}, {"a": 0.7, "b": -0.4}, {}), strict=True):
+        fresh = np.asarray(eng.generate(dataclasses.replace(cfg.request, lora=sel)).image, dtype=np.int16)
+        assert np.abs(img - fresh).max() <= 1, sel
+    assert np.abs(got[0] - got[2]).max() > 1  # the adapter changed the image

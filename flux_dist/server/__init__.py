@@ -56,7 +56,9 @@ def serve(
     front: FrontEnd | None = None
     err: str | None = None
     if main:
-        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name)
+        lora = getattr(engine, "lora", None)
+        adapters = [{k: v for k, v in a.items() if k != "path"} for a in lora.describe()] if lora else []
+        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name, adapters)
         try:
             front = FrontEnd(opts, validator)
         except OSError as e:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,6 +69,7 @@ class RequestValidator:
     validate: Callable[[RequestConfig], None]
     true_cfg: bool
     model_name: str
+    adapters: list[dict] = field(default_factory=list)  # the LoRA adapters loaded at start (GET /v1/models)
 
     def requests(self, body: Any, *, max_images: int, max_work: int | None) -> list[RequestConfig]:
         n, fields, _ = check_body(body, true_cfg=self.true_cfg, max_images=max_images)  # our messages first
@@ -141,6 +142,12 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
             return JSONResponse({"status": "ready", "model": validator.model_name, "queue_length": jobs.qsize()})
         body = {"status": state, "reason": reason, **error_body(503, f"not ready: {reason or state}")}
         return JSONResponse(body, status_code=503)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        """OpenAI's model list: the one model this server runs, with its LoRA adapters (names, ranks; no paths)."""
+        return JSONResponse({"object": "list", "data": [{"id": validator.model_name, "object": "model",
+                                                         "owned_by": "flux-dist", "lora": validator.adapters}]})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -127,11 +127,16 @@ def request_fields(body: dict, *, true_cfg: bool) -> dict[str, Any]:
     seed = _int(body, "seed", 0, MAX_SEED)
     if seed is not None:
         out["seed"] = seed
+    if "lora" in body:  # adapter names loaded at start -> scale; names and ranges checked by Engine.validate
+        lora = body["lora"]
+        if not isinstance(lora, dict) or not all(isinstance(k, str) for k in lora):
+            raise BadRequest(f"'lora' must be an object of adapter name -> scale, got {lora!r}", "lora")
+        out["lora"] = dict(lora)
     return {k: v for k, v in out.items() if v is not None}
 
 
 GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "seed", "num_inference_steps", "guidance_scale",
-                     "negative_prompt", "model", "user"}
+                     "negative_prompt", "model", "user", "lora"}
 
 
 def check_body(body: Any, *, true_cfg: bool, max_images: int) -> tuple[int, dict[str, Any], str]:

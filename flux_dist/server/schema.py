@@ -60,6 +60,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
     negative_prompt: str | None = Field(None, description="true-CFG models only")
+    lora: dict[str, float] | None = Field(None, description="adapters preloaded with serve --lora: name -> scale")
     model: str | None = Field(None, description="accepted, ignored: one server serves one model")
     user: str | None = Field(None, description="accepted, ignored")
 
