@@ -17,13 +17,14 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import FluxDistError
+from .images import read_images
 from .server.loop import broadcast, run_together
 from .server.protocol import request_fields
 
 log = logging.getLogger("flux_dist")
 
 LINE_FIELDS = {"prompt", "negative_prompt", "seed", "size", "height", "width", "steps", "num_inference_steps",
-               "guidance", "guidance_scale"}
+               "guidance", "guidance_scale", "images"}
 EXIT_SOME_FAILED = 3
 
 
@@ -31,8 +32,9 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
     """``(line number, request fields)`` per request line, or ``(line number, error message)``.
 
     Plain text: one prompt a line. JSONL: one object a line with ``prompt`` and optionally ``seed``,
-    ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``. Blank lines and
-    lines starting with ``#`` are skipped in both.
+    ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``, ``images`` (reference
+    image paths, in order; relative to the working directory). Blank lines and lines starting with ``#`` are
+    skipped in both.
     """
     out: list[tuple[int, dict[str, Any] | str]] = []
     for no, line in enumerate(text.splitlines(), start=1):
@@ -50,12 +52,23 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
             if unknown:
                 raise FluxDistError(f"unknown field(s) {', '.join(map(repr, unknown))} "
                                     f"(known: {', '.join(sorted(LINE_FIELDS))})")
-            out.append((no, request_fields(obj, true_cfg=true_cfg)))
+            images = obj.pop("images", [])
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise FluxDistError("'images' must be a list of image file paths")
+            out.append((no, {**request_fields(obj, true_cfg=true_cfg), **({"images": images} if images else {})}))
         except json.JSONDecodeError as e:
             out.append((no, f"not valid JSON: {e}"))
         except FluxDistError as e:
             out.append((no, str(e)))
     return out
+
+
+def _read_line_images(item: dict[str, Any], cfg: RunConfig) -> list[Any] | str:
+    """The decoded reference images of one line, or the error message (a bad file skips only its line)."""
+    try:
+        return read_images(dataclasses.replace(cfg.request, images=item["images"]), cfg.limits).images
+    except FluxDistError as e:
+        return str(e)
 
 
 def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -> int:
@@ -96,6 +109,14 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
         if isinstance(item, str):
             fail(no, item)
             continue
+        paths = item.get("images", [])
+        if paths:  # rank 0 reads the line's images and sends them (or why not): the others never read
+            read = _read_line_images(item, cfg) if main else None
+            read = broadcast(("images", read), engine.dist.device)[1]
+            if isinstance(read, str):
+                fail(no, read)
+                continue
+            item = {**item, "images": read}
         try:
             req = dataclasses.replace(cfg.request, **item)
             engine.validate(req)  # the same verdict on every rank: all skip together, before any collective
@@ -113,7 +134,8 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             res.image.save(out / name)
             manifest["images"].append({
                 "line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
+                "seed": req.seed, "width": res.metrics["request"]["width"], "height": res.metrics["request"]["height"],
+                "images": paths, "steps": req.steps,
                 "guidance": req.guidance, "time_s": round(time.perf_counter() - t0, 4),
                 "denoise_s": res.metrics.get("denoise_s"),
                 "cache_skipped_steps": res.metrics.get("cache_skipped_steps", 0),

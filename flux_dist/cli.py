@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .config import CheckpointFormat, RunConfig, choices, load_config, to_dict
 from .errors import FluxDistError
+from .images import read_images
 from .validation import check_request, check_run
 
 log = logging.getLogger("flux_dist")
@@ -40,7 +42,10 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--guidance": ("request.guidance", float),
     "--seed": ("request.seed", int),
     "--max-sequence-length": ("request.max_sequence_length", int),
+    "--image": ("request.images", list),  # repeatable: reference images (editing), in order
     "--max-pixels": ("limits.max_pixels", int),
+    "--max-references": ("limits.max_references", int),
+    "--max-reference-pixels": ("limits.max_reference_pixels", int),
     "--ulysses": ("parallel.ulysses", int),
     "--ring": ("parallel.ring", int),
     "--cfg-parallel": ("parallel.cfg_parallel", int),
@@ -58,7 +63,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/); flags override it")
     for flag, (key, typ) in FLAGS.items():
         dest = key.replace(".", "__")
-        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else \
+            {"action": "append", "metavar": "PATH"} if typ is list else {"type": typ}
         p.add_argument(flag, **kind, default=None, dest=dest, help=f"overrides {key}")
 
 
@@ -73,8 +79,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_run(cfg)
-    if not args.prompts_file:
-        check_request(cfg.request, cfg.limits)  # before the (slow) model load
+    req = cfg.request
+    if not args.prompts_file:  # before the (slow) model load; every rank reads the same image files, so a bad
+        req = read_images(cfg.request, cfg.limits)  # one fails every rank here, with the same message
+        check_request(req, cfg.limits)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
     if args.prompts_file:
@@ -85,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             engine.close()
         return code
     distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
-    result = engine.generate(cfg.request)
+    result = engine.generate(req)
     if engine.dist.is_main:
         _write_outputs(cfg, result.image.save, result.metrics)
     engine.close()
@@ -132,8 +140,9 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_logging(0)
     check_run(cfg)
-    check_request(cfg.request, cfg.limits)  # before reserving any actor
-    res = ray_generate(cfg, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
+    run = dataclasses.replace(cfg, request=read_images(cfg.request, cfg.limits))  # the driver reads the images
+    check_request(run.request, cfg.limits)  # before reserving any actor
+    res = ray_generate(run, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
     _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
     return 0
 
@@ -161,8 +170,6 @@ def cmd_save_preset(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     """Run every prompt at full compute, record (signal change, output change) per step, fit TeaCache's polynomial."""
-    import dataclasses
-
     from . import distributed
     from .cache import calibrate
     from .engine import Engine
@@ -171,6 +178,7 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     cfg.cache.mode = "calibrate"
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
+    cfg.request = read_images(cfg.request, cfg.limits)
     check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)

@@ -62,18 +62,23 @@ class RequestConfig:
 
     prompt: str | None = None
     negative_prompt: str = ""
-    height: int = 64
-    width: int = 64
+    height: int | None = None  # None: the first reference image's (processed) size, else 64
+    width: int | None = None
     steps: int = 4
     guidance: float = 4.0
     seed: int = 0
     max_sequence_length: int = 512
+    # Reference images (editing / multi-reference), in order: paths in a config, CLI or batch file (the front
+    # end reads them, images.read_images); decoded images (PIL, or uint8 HxWxC arrays) when the engine runs.
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass
 class LimitsConfig:
     max_pixels: int = 2048 * 2048
     max_steps: int = 1000
+    max_references: int = 4  # reference images per request
+    max_reference_pixels: int = 4096 * 4096  # of an input image as read (before the 1024x1024-area resize)
 
 
 @dataclass
