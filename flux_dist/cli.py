@@ -74,15 +74,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .engine import Engine
-
     cfg = config_from_args(args)
     check_run(cfg)
     req = cfg.request
-    if not args.prompts_file:  # before the (slow) model load; every rank reads the same image files, so a bad
-        req = read_images(cfg.request, cfg.limits)  # one fails every rank here, with the same message
+    if not args.prompts_file:  # before the (slow) imports and model load; every rank reads the same image
+        req = read_images(cfg.request, cfg.limits)  # files, so a bad one fails every rank here, same message
         check_request(req, cfg.limits)
+    from . import distributed
+    from .engine import Engine
+
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
     engine = Engine(cfg, info)
     if args.prompts_file:
