@@ -18,24 +18,34 @@ from .errors import FluxDistError
 from .validation import check_references
 
 
-def read_image(path: str | Path, lim: LimitsConfig) -> Image.Image:
-    """One image file, decoded in memory (the file is closed again); its size is checked against
-    ``lim.max_reference_pixels`` from the header, before the pixels are decoded (no decompression bomb)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FluxDistError(f"reference image not found: {path}")
+def decode_image(data: bytes, lim: LimitsConfig, what: str = "reference image") -> Image.Image:
+    """An encoded image (PNG, JPEG, ...) decoded in memory; its size is checked against
+    ``lim.max_reference_pixels`` from the header, before the pixels are decoded (no decompression bomb).
+    What an HTTP front end calls on an uploaded file too (then broadcasts the image, never a path)."""
     try:
-        img = Image.open(io.BytesIO(p.read_bytes()))
+        img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > lim.max_reference_pixels:
-            raise FluxDistError(f"reference image {path} is {w}x{h} = {w * h} pixels: over the limit of "
+            raise FluxDistError(f"{what} is {w}x{h} = {w * h} pixels: over the limit of "
                                 f"{lim.max_reference_pixels} (--max-reference-pixels)")
         img.load()
     except FluxDistError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # not an image, truncated
-        raise FluxDistError(f"cannot read reference image {path}: {e}") from e
+        raise FluxDistError(f"cannot read {what}: {e}") from e
     return img
+
+
+def read_image(path: str | Path, lim: LimitsConfig) -> Image.Image:
+    """One image file, read and decoded in memory (the file is closed again)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FluxDistError(f"reference image not found: {path}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise FluxDistError(f"cannot read reference image {path}: {e}") from e
+    return decode_image(data, lim, f"reference image {path}")
 
 
 def read_images(req: RequestConfig, lim: LimitsConfig) -> RequestConfig:
