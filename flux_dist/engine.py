@@ -38,7 +38,7 @@ log = logging.getLogger("flux_dist")
 
 @dataclass
 class Result:
-    latents: torch.Tensor  # final packed latents [1, img_len, C], on every rank
+    latents: torch.Tensor  # final packed latents [1, img_len, C] (the target's, no references), on every rank
     image: Any | None  # PIL image on rank 0, None elsewhere
     metrics: dict = field(default_factory=dict)
 
@@ -112,7 +112,8 @@ class Engine:
         # schedule (over the noisy tokens, as diffusers); 3. this rank's shards of [text] and [target, references].
         height, width = output_size(req, model.image_multiple)
         latents, img_ids = model.noise(height, width, req.seed, enc[0][0].dtype)
-        refs, ref_ids, ref_sizes = model.references(req.images, enc[0][0].dtype)
+        with phase_memory(mem, "references", dev):  # every rank encodes the same images (no collective)
+            refs, ref_ids, ref_sizes = model.references(req.images, enc[0][0].dtype)
         t["refs"] = self._sync()
         timesteps, sigmas = model.schedule(req.steps, latents.shape[1])
         plan = self.plan(enc[0][0].shape[1], latents.shape[1], refs.shape[1])
