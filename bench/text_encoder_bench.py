@@ -97,9 +97,9 @@ def encoder(out: str) -> None:
 def load(out: str, folder: str) -> None:
     from diffusers import Flux2Transformer2DModel
 
+    from flux_dist.models.flux2 import quantize_transformer
     from flux_dist.models.lowmem_load import load_transformer_streaming
     from flux_dist.models.presets import build_preset
-    from flux_dist.models.flux2 import quantize_transformer
 
     res: dict = {"device": torch.cuda.get_device_name(DEV), "model": "flux2-klein-4b transformer"}
     c = build_preset("flux2-klein-4b", dtype=BF16, device=DEV, seed=0)

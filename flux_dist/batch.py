@@ -2,8 +2,8 @@
 
 Rank 0 reads the file and broadcasts the parsed lines, so every rank walks the same list; each
 line is checked with ``Engine.validate`` before any collective (the same verdict on every rank,
-so all ranks skip a bad line together) and run with the server's agreement protocol, so a model
-failure on one line is reported and the rest still run.
+so all ranks skip a bad line together) and run with the lock-step agreement (``lockstep.run_together``),
+so a model failure on one line is reported and the rest still run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import FluxDistError
 from .images import read_images
-from .server.loop import broadcast, run_together
+from .lockstep import broadcast, run_together
 from .server.protocol import request_fields
 
 log = logging.getLogger("flux_dist")
@@ -149,3 +149,18 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
         n_ok, n_bad = len(manifest["images"]), len(manifest["errors"])
         log.info("batch done: %d image(s), %d line(s) skipped, manifest %s", n_ok, n_bad, manifest_path)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a batch-mode prompts file (``.txt`` or ``.jsonl``); a bad line is an error here."""
+    p = Path(path)
+    if not p.is_file():
+        raise FluxDistError(f"prompts file not found: {path}")
+    out = []
+    for n, fields in parse_lines(p.read_text(), jsonl=p.suffix == ".jsonl", true_cfg=True):
+        if isinstance(fields, str):
+            raise FluxDistError(f"{path}:{n}: {fields}")
+        out.append(fields["prompt"])
+    if not out:
+        raise FluxDistError(f"prompts file {path} has no prompts")
+    return out

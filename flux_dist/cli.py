@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .config import CheckpointFormat, RunConfig, choices, load_config, to_dict
 from .errors import FluxDistError
-from .images import read_images
-from .validation import check_request, check_run
+from .images import checked_request
+from .preflight import on_rank0_then_all, port_in_use, record_failure
+from .validation import check_outputs, check_run, sized
 
 log = logging.getLogger("flux_dist")
 
@@ -44,8 +45,7 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--max-sequence-length": ("request.max_sequence_length", int),
     "--image": ("request.images", list),  # repeatable: reference images (editing), in order
     "--max-pixels": ("limits.max_pixels", int),
-    "--max-references": ("limits.max_references", int),
-    "--max-reference-pixels": ("limits.max_reference_pixels", int),
+    "--max-references": ("limits.max_references", int), "--max-reference-pixels": ("limits.max_reference_pixels", int),
     "--ulysses": ("parallel.ulysses", int),
     "--ring": ("parallel.ring", int),
     "--cfg-parallel": ("parallel.cfg_parallel", int),
@@ -76,15 +76,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_run(cfg)
-    req = cfg.request
-    if not args.prompts_file:  # before the (slow) imports and model load; every rank reads the same image
-        req = read_images(cfg.request, cfg.limits)  # files, so a bad one fails every rank here, same message
-        check_request(req, cfg.limits)
+    req = cfg.request if args.prompts_file else checked_request(cfg.request, cfg.limits)  # before heavy imports
     from . import distributed
     from .engine import Engine
 
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
+    on_rank0_then_all(info, lambda: check_outputs(None, output_dir=args.output_dir) if args.prompts_file
+                      else check_outputs(cfg.output))  # before the (slow) model load, every rank told
     engine = Engine(cfg, info)
+    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     if args.prompts_file:
         from .batch import run_batch
 
@@ -92,7 +92,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if code == 0:
             engine.close()
         return code
-    distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: a dead peer now fails fast
     result = engine.generate(req)
     if engine.dist.is_main:
         _write_outputs(cfg, result.image.save, result.metrics)
@@ -104,14 +103,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load once on every rank, then serve HTTP from rank 0 until SIGTERM / SIGINT."""
     from . import distributed
     from .engine import Engine
-    from .server import serve
+    from .server import ServeOptions, serve
+    from .server.protocol import DEFAULT_MAX_WORK
 
     cfg = config_from_args(args)
     check_run(cfg)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    cfg.request = sized(dataclasses.replace(cfg.request, images=[]))  # HTTP defaults: text-to-image, sized
+    max_work = DEFAULT_MAX_WORK if args.max_work is None else (args.max_work or None)  # 0: no limit
+    opts = dict(api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"), max_queue=args.max_queue,
+                max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,
+                read_timeout_s=args.read_timeout, max_connections=args.max_connections)
+    ServeOptions(args.host, args.port, **opts).check()  # before loading: a bad flag costs nothing
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
+
+    def port_free() -> None:
+        if err := port_in_use(args.host, args.port):
+            raise FluxDistError(err)
+
+    on_rank0_then_all(info, port_free)
     engine = Engine(cfg, info)
-    code = serve(cfg, engine, args.host, args.port, api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"),
-                 max_queue=args.max_queue, max_images=args.max_images, request_timeout_s=args.request_timeout)
+    code = serve(cfg, engine, args.host, args.port, **opts)
     if code:  # the ranks lost each other (already logged): exit now, no peer is left to wait for
         sys.stderr.flush()
         os._exit(code)
@@ -140,8 +151,8 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_logging(0)
     check_run(cfg)
-    run = dataclasses.replace(cfg, request=read_images(cfg.request, cfg.limits))  # the driver reads the images
-    check_request(run.request, cfg.limits)  # before reserving any actor
+    run = dataclasses.replace(cfg, request=checked_request(cfg.request, cfg.limits))  # before reserving any actor
+    check_outputs(cfg.output)
     res = ray_generate(run, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
     _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
     return 0
@@ -176,32 +187,17 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.cache.mode = "calibrate"
+    from .batch import read_prompts
+
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
-    cfg.request = read_images(cfg.request, cfg.limits)
-    check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
-    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+    cfg.request = checked_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
+    info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
+    on_rank0_then_all(info, lambda: check_outputs(extra=args.calib_output))
     engine = Engine(cfg, info)
     calibrate(engine, prompts, args.calib_output, args.degree)
     engine.close()
     return 0
-
-
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a batch-mode prompts file (``.txt`` or ``.jsonl``); a bad line is an error here."""
-    from .batch import parse_lines
-
-    p = Path(path)
-    if not p.is_file():
-        raise FluxDistError(f"prompts file not found: {path}")
-    out = []
-    for n, fields in parse_lines(p.read_text(), jsonl=p.suffix == ".jsonl", true_cfg=True):
-        if isinstance(fields, str):
-            raise FluxDistError(f"{path}:{n}: {fields}")
-        out.append(fields["prompt"])
-    if not out:
-        raise FluxDistError(f"prompts file {path} has no prompts")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env FLUX_DIST_API_KEY)")
     v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 429")
     v.add_argument("--max-images", type=int, default=4, help="largest 'n' a request may ask for")
-    v.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits before 504")
+    v.add_argument("--request-timeout", type=float, default=600.0,
+                   help="deadline in seconds from arrival: the request is stopped at the next step and answered 504")
+    v.add_argument("--max-work", type=int, default=None,
+                   help="largest width x height x steps x n a request may ask for, else 400 (0: no limit; "
+                   "default 209715200 = 2048x2048 x 50 steps x 1)")
+    v.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds for a request's head (and an idle connection), and again for its body")
+    v.add_argument("--max-connections", type=int, default=64,
+                   help="open connections over this get 503; over twice this are closed at once")
     v.set_defaults(func=cmd_serve)
     r = sub.add_parser("ray-generate", help="generate one image on a Ray cluster (one actor per rank)")
     _add_run_flags(r)
@@ -266,15 +270,23 @@ def _rank() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    message = ""
     try:
+        from .faults import check_env
+
+        check_env()  # a malformed FLUX_DIST_FAULT is bad input now, not at the first denoise step
         code = args.func(args)
     except FluxDistError as e:
-        print(f"[rank{_rank()}] flux-dist: error: {e}", file=sys.stderr, flush=True)
+        message = " ".join(str(e).split("\n"))
+        print(f"[rank{_rank()}] flux-dist: error: {message}", file=sys.stderr, flush=True)
         code = 2
-    except Exception:
+    except Exception as e:
+        message = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"[:500]
         print(f"[rank{_rank()}] flux-dist: internal error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
     if code:
+        record_failure(code, message or ("some batch lines failed (see the log and manifest.json)" if code == 3
+                                         else f"exit code {code}"))
         from .distributed import fail_together
 
         fail_together()

@@ -1,7 +1,10 @@
 """Process group from the launcher's environment (torchrun, Slurm, Ray set the same variables).
 
 NCCL on GPUs, gloo on CPU. The first timeout is long (loading and compiling a 32 B model takes
-minutes); after start-up the timeout drops so a dead peer fails the job fast instead of hanging.
+minutes); after start-up ``set_timeout`` drops it on every group (subgroups included), so a
+collective that a live peer never joins fails in ``dist.timeout_s``. A stopped or frozen peer is
+caught sooner, and during start-up too, by the watchdog (``watchdog.py``, started by ``init``): a
+rank silent for ``dist.watchdog_s`` ends the job on every rank, naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .watchdog import alive, silent_ranks, start_watchdog, stop_watchdog
+
+__all__ = ["DistInfo", "alive", "env_layout", "fail_together", "init", "pick_device", "set_timeout", "setup_logging",
+           "shutdown", "silent_ranks", "start_watchdog", "stop_watchdog"]
 
 log = logging.getLogger("flux_dist")
 
@@ -85,8 +93,12 @@ def _export_layout(rank: int, world: int, local_rank: int) -> None:
         os.environ["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000)
 
 
-def init(device: str = "auto", startup_timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group the environment describes (or none, for one process)."""
+def init(device: str = "auto", startup_timeout_s: float = 1800.0, watchdog_s: float = 20.0) -> DistInfo:
+    """Join the process group the environment describes (or none, for one process).
+
+    With more than one rank, the watchdog starts here (``watchdog_s`` > 0): loading and compiling
+    are covered too, since it beats from its own thread whatever the main thread does.
+    """
     rank, world, local_rank = env_layout()
     if world > 1:
         _export_layout(rank, world, local_rank)
@@ -98,25 +110,30 @@ def init(device: str = "auto", startup_timeout_s: float = 1800.0) -> DistInfo:
             backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=startup_timeout_s), **kwargs
         )
     setup_logging(rank)
+    if world > 1 and watchdog_s:
+        start_watchdog(watchdog_s)
     return DistInfo(rank, world, local_rank, dev)
 
 
 def set_timeout(timeout_s: float) -> None:
-    """Shorten the collective timeout once start-up (loading, compiling) is over.
+    """Shorten the collective timeout of every process group (the default one and every subgroup, such
+    as the mesh's Ulysses / ring / cfg groups) once start-up (loading, compiling) is over.
 
-    A peer that stops answering then fails this rank's next collective after ``timeout_s`` instead
-    of the long start-up timeout; launchers still stop the job sooner when a rank exits.
+    A collective that a peer never joins then fails this rank after ``timeout_s`` instead of the long
+    start-up timeout (a peer that is stopped or frozen is caught sooner by the watchdog).
     """
     if not dist.is_initialized():
         return
-    fn = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if fn is None:  # pragma: no cover - older torch
-        log.warning("this torch cannot change the process-group timeout; keeping the start-up timeout")
-        return
-    try:
-        fn(datetime.timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - depends on the backend build
-        log.warning("could not shorten the process-group timeout: %s", e)
+    td = datetime.timedelta(seconds=timeout_s)
+    groups = list(dist.distributed_c10d._world.pg_map) or [dist.group.WORLD]
+    failed = []
+    for g in groups:
+        try:
+            dist.set_timeout(td, group=g)
+        except Exception as e:  # noqa: BLE001 - depends on the backend build (MPI, UCC cannot)
+            failed.append(f"{dist.get_process_group_ranks(g)}: {e}")
+    if failed:
+        log.warning("could not shorten the collective timeout of %d group(s): %s", len(failed), "; ".join(failed))
 
 
 def fail_together(timeout_s: float = 10.0) -> None:
@@ -143,7 +160,9 @@ def fail_together(timeout_s: float = 10.0) -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group (at the end of a run, so NCCL does not warn or leak)."""
+    """Stop the watchdog (telling the peers this rank is done, not hung), then destroy the process
+    group (at the end of a run, so NCCL does not warn or leak)."""
+    stop_watchdog()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -159,3 +178,4 @@ def setup_logging(rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
     root._flux_dist_configured = True  # type: ignore[attr-defined]
+

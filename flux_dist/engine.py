@@ -7,9 +7,10 @@ request. Everything model-specific is the adapter's (``models/``); this file nam
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +32,13 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_request, check_run, output_size
+from .validation import check_cfg_parallel, check_device, check_negative_prompt, check_request, check_run, sized
 
 log = logging.getLogger("flux_dist")
+
+# Per-shape caches are bounded (least recently used shapes evicted), so a server seeing many image sizes stays flat:
+PLAN_CACHE_SIZE = 32  # ShardPlans (one per (text, image) length; compiled blocks see the same object per shape)
+ONEDNN_CACHE_CAPACITY = 256  # oneDNN primitives on CPU (per-shape conv kernels of the VAE; oneDNN's default is 1024)
 
 
 @dataclass
@@ -50,11 +55,13 @@ class Engine:
         m = cfg.model
         check_run(cfg)  # resolve: every choice checked before the process group and the load
         self.cfg = cfg
-        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s)
+        self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         dev = self.dist.device
         check_device(cfg, dev.type)
         p = cfg.parallel
         self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
+        if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
         check_text_encoder(m, dev, self.dist.world_size)
@@ -64,6 +71,7 @@ class Engine:
         with phase_memory(self.memory, "load", dev):  # a directory's whole encoder is never read
             self.c = load_model(m.model, dtype=self.dtype, device=dev, seed=m.seed, quant=self.quant,
                                 text_encoder=False)
+            self.quant = self.c.quant  # what the model runs (a directory saved quantized keeps its format)
             self.model = adapter_for(self.c, dev)
             attach_text_encoder(self.model, m, dev, self.dtype, self.dist.rank, self.dist.world_size)
         self.true_cfg = self.model.true_cfg
@@ -78,7 +86,7 @@ class Engine:
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: dict[tuple[int, int, int], ShardPlan] = {}
+        self._plans: OrderedDict[tuple[int, int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears), attention=%s, compile=%s, layout %s", self.model.name,
                  self.quant, n_quant, kernel.label, m.compile, self.mesh.describe())
@@ -88,6 +96,7 @@ class Engine:
 
     def validate(self, req: RequestConfig) -> None:
         check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
+        check_negative_prompt(req, self.true_cfg)
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)
@@ -108,10 +117,9 @@ class Engine:
             enc = my_branches(model.encode(texts, req.max_sequence_length, req.seed, self.dtype), mesh)
         t["text"] = self._sync()
 
-        # 2. noise, references (VAE-encoded once; their tokens follow the noisy ones in the image stream) and the
-        # schedule (over the noisy tokens, as diffusers); 3. this rank's shards of [text] and [target, references].
-        height, width = output_size(req, model.image_multiple)
-        latents, img_ids = model.noise(height, width, req.seed, enc[0][0].dtype)
+        # 2. noise, references (encoded once), schedule; 3. this rank's shards of [text], [target, references].
+        req = sized(req, model.image_multiple)  # a size it leaves unset: the first reference's (as diffusers)
+        latents, img_ids = model.noise(req.height, req.width, req.seed, enc[0][0].dtype)
         with phase_memory(mem, "references", dev):  # every rank encodes the same images (no collective)
             refs, ref_ids, ref_sizes = model.references(req.images, enc[0][0].dtype)
         t["refs"] = self._sync()
@@ -123,7 +131,6 @@ class Engine:
         img_loc = plan.shard(torch.cat([img_ids, ref_ids], 1), "img", s)
         branches = [model.prepare(plan.shard(e, "txt", s), plan.shard(i, "txt", s), img_loc, req.guidance)
                     for e, i in enc]
-        req = dataclasses.replace(req, height=height, width=width)  # as run (for the metrics)
 
         # 4. denoise.
         cache = make_cache(self.cfg.cache, mesh, plan, req.steps, self.coefficients,
@@ -140,8 +147,7 @@ class Engine:
         t["end"] = self._sync()
         return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg, mem, ref_sizes))
 
-    def _denoise(self, x, timesteps, sigmas, branches, cache, req, do_cfg, control,
-                 target: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    def _denoise(self, x, timesteps, sigmas, branches, cache, req, do_cfg, control, target) -> tuple:
         mesh, model, fns = self.mesh, self.model, self.fns
         stacks = [cache.stack(b) if cache else self.stack for b in range(len(branches))]
         # Per-step scalars as tensors of their own, made before the loop: no value is baked into a compiled
@@ -198,8 +204,12 @@ class Engine:
     def plan(self, txt_len: int, img_len: int, ref_len: int = 0) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
         key = (txt_len, img_len, ref_len)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
             self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses, ref_len)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return self._plans[key]
 
     def _sync(self) -> float:

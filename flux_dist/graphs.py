@@ -10,6 +10,7 @@ valid until the next replay.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -18,17 +19,25 @@ from .stack import BlockStack
 log = logging.getLogger("flux_dist")
 
 
+# Graphs kept (least recently used shape evicted): each holds its own memory pool and static buffers.
+MAX_GRAPHS = 8
+
+
 class GraphedStack:
     """A ``BlockStack`` that replays a captured CUDA graph of another (the model's plain stack)."""
 
-    def __init__(self, stack: BlockStack, warmup: int = 2) -> None:
-        self.inner, self.warmup = stack, warmup
-        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+    def __init__(self, stack: BlockStack, warmup: int = 2, max_graphs: int = MAX_GRAPHS) -> None:
+        self.inner, self.warmup, self.max_graphs = stack, warmup, max_graphs
+        self.graphs: OrderedDict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = OrderedDict()
 
     def __call__(self, tr, img, txt, mods, rope) -> torch.Tensor:
         flat = [img, txt, *mods, *rope]
         key = tuple((t.shape, t.dtype) for t in flat)
-        if key not in self.graphs:
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)  # its pool is released with it
             self.graphs[key] = self._capture(tr, flat, len(mods))
         static, out, graph = self.graphs[key]
         for dst, src in zip(static, flat, strict=True):

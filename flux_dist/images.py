@@ -15,7 +15,7 @@ from PIL import Image
 
 from .config import LimitsConfig, RequestConfig
 from .errors import FluxDistError
-from .validation import check_references
+from .validation import check_references, check_request
 
 
 def decode_image(data: bytes, lim: LimitsConfig, what: str = "reference image") -> Image.Image:
@@ -59,3 +59,10 @@ def read_images(req: RequestConfig, lim: LimitsConfig) -> RequestConfig:
         images = [read_image(i, lim) if isinstance(i, str | Path) else i for i in images]
     check_references(images, lim)
     return dataclasses.replace(req, images=list(images))
+
+
+def checked_request(req: RequestConfig, lim: LimitsConfig) -> RequestConfig:
+    """A front end's request before anything heavy is imported or loaded: images read, everything checked."""
+    req = read_images(req, lim)
+    check_request(req, lim)
+    return req

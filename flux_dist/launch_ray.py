@@ -74,7 +74,7 @@ class RankActor:
         from .engine import Engine
         from .validation import check_request
 
-        info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s)
+        info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         check_request(cfg.request, cfg.limits)
         engine = Engine(cfg, info)
         distributed.set_timeout(cfg.dist.timeout_s)  # start-up is over: fail fast from here on
@@ -126,6 +126,9 @@ def _describe(err: BaseException) -> tuple[bool, str]:
 
     if isinstance(err, ray.exceptions.RayActorError):
         return True, f"died ({type(err).__name__}: {str(err).strip()[-1500:]})"
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, FluxDistError):  # bad input: the rank's one line, not its remote traceback
+        return False, f"error: {' '.join(str(cause).split())}"
     return False, f"raised:\n{str(err).strip()[-3000:]}"
 
 
@@ -216,6 +219,9 @@ def _watch(ray: Any, refs: dict[Any, int], pids: list[int], timeout_s: float, po
                 done, _ = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, end - time.monotonic()))
                 collect(done)
             first = sorted(failures, key=lambda f: not f[1])[0]  # a death first, else the earliest
+            if all(text == first[2] and text.startswith("error: ") for _, _, text in failures):
+                ranks = ", ".join(str(r) for r in sorted(r for r, _, _ in failures))  # bad input: one line
+                raise RankFailedError(first[0], f"{first[2][7:]} (rank(s) {ranks}; all ranks stopped)", pids)
             others = [f"rank {r}" for r, _, _ in failures if r != first[0]]
             msg = f"rank {first[0]} {first[2]}"
             if others:

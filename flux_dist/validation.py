@@ -7,10 +7,24 @@ Checks that need the device (FP8 on this GPU, a kernel that runs here) or the lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any
 
-from .config import AttentionBackend, CacheMode, DeviceKind, Dtype, LimitsConfig, QuantMode, RequestConfig, RunConfig
+from .config import (
+    MAX_SEED,
+    AttentionBackend,
+    CacheMode,
+    DeviceKind,
+    Dtype,
+    LimitsConfig,
+    OutputConfig,
+    QuantMode,
+    RequestConfig,
+    RunConfig,
+)
 from .config import choices as _choices
 from .errors import FluxDistError, NotSupportedError
 
@@ -28,6 +42,8 @@ def check_run(cfg: RunConfig) -> None:
     _one_of(cfg.model.quant, QuantMode, "quantization")
     _one_of(cfg.model.attention, AttentionBackend, "attention kernel")
     check_cache(cfg)
+    if not isinstance(cfg.model.seed, int) or not 0 <= cfg.model.seed <= MAX_SEED:
+        raise FluxDistError(f"model seed must be an integer in 0..{MAX_SEED}, got {cfg.model.seed!r}")
     if cfg.model.cuda_graphs and cfg.cache.mode == "fbcache":
         raise NotSupportedError("--cuda-graphs with --cache fbcache is not built (teacache and none are)")
 
@@ -107,6 +123,12 @@ def output_size(req: RequestConfig, multiple: int = 16) -> tuple[int, int]:
     return req.height or first[1], req.width or first[0]
 
 
+def sized(req: RequestConfig, multiple: int = 16) -> RequestConfig:
+    """``req`` with its output size resolved (``output_size``), as it runs."""
+    height, width = output_size(req, multiple)
+    return dataclasses.replace(req, height=height, width=width)
+
+
 def check_request(req: RequestConfig, lim: LimitsConfig, multiple: int = 16) -> None:
     """Same checks, same request, every rank: all ranks fail together, before any collective."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
@@ -123,12 +145,62 @@ def check_request(req: RequestConfig, lim: LimitsConfig, multiple: int = 16) -> 
         raise FluxDistError(f"steps must be an integer in 1..{lim.max_steps}, got {req.steps!r}")
     if not isinstance(req.guidance, int | float) or not math.isfinite(req.guidance) or req.guidance < 0:
         raise FluxDistError(f"guidance must be a finite number >= 0, got {req.guidance!r}")
-    if not isinstance(req.seed, int) or req.seed < 0:
-        raise FluxDistError(f"seed must be a non-negative integer, got {req.seed!r}")
+    if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed <= MAX_SEED:
+        raise FluxDistError(f"seed must be an integer in 0..{MAX_SEED} (2**63 - 1), got {req.seed!r}")
     if not isinstance(req.max_sequence_length, int) or not 1 <= req.max_sequence_length <= 4096:
         raise FluxDistError(f"max_sequence_length must be in 1..4096, got {req.max_sequence_length!r}")
     if not isinstance(req.negative_prompt, str):
         raise FluxDistError("negative_prompt must be a string")
+
+
+def check_negative_prompt(req: RequestConfig, true_cfg: bool) -> None:
+    """A negative prompt is a true-CFG input: a guidance-distilled model would silently ignore it."""
+    if req.negative_prompt and not true_cfg:
+        raise FluxDistError("a negative prompt is only used by models with true CFG ([klein] base); this model is "
+                            "guidance-distilled (drop --negative-prompt / request.negative_prompt)")
+
+
+# What rank 0 can write an image as (PIL picks the format from the suffix).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _writable(path: Path, what: str, *, directory: bool = False) -> None:
+    """``path`` can be created or overwritten (as a file, or as a directory): checked, nothing written."""
+    if path.exists():
+        if directory and not path.is_dir():
+            raise FluxDistError(f"{what} {path} is a file, not a directory")
+        if not directory and path.is_dir():
+            raise FluxDistError(f"{what} {path} is a directory, not a file")
+        if not os.access(path, os.W_OK | (os.X_OK if directory else 0)):
+            raise FluxDistError(f"{what} {path} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FluxDistError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FluxDistError(f"{what} {path}: directory {parent} is not writable")
+
+
+def check_outputs(out: OutputConfig | None = None, *, output_dir: str | None = None, extra: str | None = None) -> None:
+    """Every path the run will write, checked before the model loads (rank 0's, where rank 0 writes them):
+    the image (a known image suffix, not a directory), the metrics JSON, batch mode's output directory,
+    ``extra`` (another file, e.g. calibrate-cache's coefficients). Parent directories may be missing."""
+    if out is not None:
+        if not out.output:
+            raise FluxDistError("--output / output.output must name an image file")
+        image = Path(out.output)
+        _writable(image, "--output")
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            raise FluxDistError(f"--output {out.output}: the suffix names the image format; use one of "
+                                f"{', '.join(IMAGE_SUFFIXES)}")
+        if out.metrics:
+            _writable(Path(out.metrics), "--metrics")
+    if output_dir is not None:
+        _writable(Path(output_dir), "--output-dir", directory=True)
+    if extra:
+        _writable(Path(extra), "output file")
 
 
 def check_cfg_parallel(cfg_degree: int, true_cfg: bool, model: str) -> None:

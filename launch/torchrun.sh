@@ -11,7 +11,8 @@
 #
 # Variables: NPROC_PER_NODE (default: the GPUs nvidia-smi lists, else 1), NNODES (default 1),
 # RDZV_ENDPOINT (HOST:PORT of the c10d rendezvous, needed when NNODES > 1), RDZV_ID (default
-# flux-dist; one id per job), NODE_RANK (optional; c10d assigns ranks itself), PYTHON (default python).
+# flux-dist; one id per job), NODE_RANK (optional; c10d assigns ranks itself), PYTHON (default python),
+# COMMAND (default generate: the flux-dist subcommand).
 # Site network variables (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME, ...) are read from
 # the environment as set; nothing is hard-coded here.
 set -euo pipefail
@@ -31,5 +32,8 @@ else
   rdzv=(--standalone)
 fi
 # --max-restarts 0: a failed rank ends the run (torchrun stops the other ranks) instead of restarting it.
-exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC_PER_NODE" --max-restarts 0 \
-  -m flux_dist generate "$@"
+# launch/torchrun.py is torchrun itself (same arguments) that keeps flux-dist's exit codes (2 bad input, 3 some
+# batch lines failed, 1 internal error, 128+N killed by signal N) and prints one line per failed rank instead of
+# torchrun's ChildFailedError traceback. COMMAND (default generate) picks the subcommand, e.g. COMMAND=serve.
+exec "$PY" "$(dirname "$0")/torchrun.py" "${rdzv[@]}" --nproc-per-node "$NPROC_PER_NODE" --max-restarts 0 \
+  -m flux_dist "${COMMAND:-generate}" "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,31 @@ def env(**extra: str) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
+class Headers(dict):
+    """Response headers, looked up case-insensitively (HTTP/1.1 servers may send them in lower case)."""
+
+    def __init__(self, items: Any) -> None:
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
 def call(port: int, method: str, path: str, body: Any = None, *, headers: dict | None = None,
-         timeout: float = 120) -> tuple[int, dict, bytes]:
+         timeout: float = 120) -> tuple[int, Headers, bytes]:
     """One request on a fresh connection: (status, headers, body). ``body`` bytes go as is, else JSON."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         conn.request(method, path, body=data, headers=headers or {})
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, Headers(r.getheaders()), r.read()
     finally:
         conn.close()
 
@@ -128,3 +146,24 @@ class Server:
                 except ProcessLookupError:
                     pass
             self.wait(grace)
+
+
+@contextlib.contextmanager
+def server_with_cli_image(d: Path, args: list[str], prompt: str, seed: int) -> Iterator[Server]:
+    """A torchrun server (2 ranks, the tiny config at SMALL, plus ``args``) and, made beside it by one
+    ``flux-dist generate`` process (Ulysses 1: the layout must not change the image either), the CLI's
+    image for ``prompt`` / ``seed`` at ``server.cli_png``."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
+         "--prompt", prompt, "--seed", str(seed), "--output", str(d / "cli.png"), "--metrics", ""],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
+    s = Server(["--config", "configs/tiny.yaml", *SMALL, *args], log_path=d / "server.log")
+    try:
+        s.wait_ready()
+        assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]
+        s.cli_png = d / "cli.png"
+        yield s
+    finally:
+        s.stop()
+        if cli.poll() is None:
+            cli.kill()

@@ -47,7 +47,8 @@ def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     return bad
 
 
-FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.lockstep")
+FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.lockstep",
+              "flux_dist.preflight")
 
 
 def test_torch_free_config_and_validation():
@@ -55,7 +56,8 @@ def test_torch_free_config_and_validation():
 
 
 def test_lower_layers_know_no_model_cache_or_engine():
-    lower = _files("devices", "distributed", "faults", "sampling", "stack", "compile", "graphs", "parallel", "quant")
+    lower = _files("devices", "distributed", "watchdog", "faults", "sampling", "stack", "compile", "graphs", "parallel",
+                   "quant")
     assert _offenders(lower, ("flux_dist.models", "flux_dist.cache", "flux_dist.engine", *FRONT_ENDS)) == []
 
 

@@ -6,15 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_utils import ROOT, SMALL, Server, call, decode_png, env, read_png
+from server_utils import SMALL, Server, call, decode_png, read_png, server_with_cli_image
 
 GEN = "/v1/images/generations"
 PROMPT = "a red fox standing in fresh snow at dawn"
@@ -34,21 +32,8 @@ def metric(text: str, name: str, default: float | None = None) -> float:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """torchrun, 2 ranks, Ulysses 2, no API key, a roomy queue; the CLI's image for GOOD made beside it."""
-    d = tmp_path_factory.mktemp("srv")
-    cli = subprocess.Popen(  # one process (Ulysses 1): the layout must not change the image either
-        [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
-         "--prompt", PROMPT, "--seed", "7", "--output", str(d / "cli.png"), "--metrics", ""],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
-    s = Server(["--config", "configs/tiny.yaml", *SMALL, "--max-queue", "64"], log_path=d / "server.log")
-    try:
-        s.wait_ready()
-        assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]
-        s.cli_png = d / "cli.png"
+    with server_with_cli_image(tmp_path_factory.mktemp("srv"), ["--max-queue", "64"], PROMPT, 7) as s:
         yield s
-    finally:
-        s.stop()
-        if cli.poll() is None:
-            cli.kill()
 
 
 def test_image_equals_cli_and_n_uses_consecutive_seeds(server):
@@ -211,18 +196,18 @@ def test_queue_limit_gives_429(keyed):
     slow = {**GOOD, "size": "128x128", "num_inference_steps": 10}
     go = threading.Barrier(8)
 
-    def one(i: int) -> tuple[int, dict]:
+    def one(i: int) -> tuple[int, tuple]:
         go.wait(timeout=30)
         code, headers, body = call(keyed.port, "POST", GEN, {**slow, "seed": i}, headers=AUTH)
-        return code, {**headers, "body": body}
+        return code, (headers, body)
 
     with ThreadPoolExecutor(8) as ex:
         out = list(ex.map(one, range(8)))
     codes = sorted(c for c, _ in out)
     assert set(codes) <= {200, 429}, codes
     assert 1 <= codes.count(200) <= 4 and codes.count(429) >= 4, codes
-    rejected = next(h for c, h in out if c == 429)
-    assert rejected["Retry-After"] == "1" and b"queue is full" in rejected["body"]
+    headers, body = next(r for c, r in out if c == 429)
+    assert headers["Retry-After"] == "1" and b"queue is full" in body
     assert call(keyed.port, "GET", "/health", headers=AUTH)[0] == 200
     assert call(keyed.port, "POST", GEN, GOOD, headers=AUTH)[0] == 200
 

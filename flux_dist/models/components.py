@@ -37,6 +37,7 @@ class Components:
     is_distilled: bool  # klein: False -> true CFG with "" as negative prompt
     text_layers: tuple[int, ...]  # (10, 20, 30) dev, (9, 18, 27) klein
     name: str  # preset name or model path
+    quant: str = "none"  # the mode the transformer's quantized linears run (what the engine reports)
 
 
 def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -54,7 +55,7 @@ def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def _seed(seed: int, component: int) -> int:
-    return seed * _SEED_STRIDE + component
+    return (seed * _SEED_STRIDE + component) % 2**64  # manual_seed's range; unchanged below it
 
 
 @contextlib.contextmanager

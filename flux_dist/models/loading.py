@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from ..errors import FluxDistError
 from ..quant import checkpoint_format
 from .components import DEV_TEXT_LAYERS, KLEIN_TEXT_LAYERS, Components
 from .flux2.quant_plan import load_quantized
@@ -76,6 +77,19 @@ def _own_aligned_memory_(module: torch.nn.Module) -> None:
                 t.data = t.data.clone()
 
 
+def _component(path: str, name: str, load: Any) -> Any:
+    """``load()``, with any failure (a bad config.json, missing or mismatched weights) named by its folder:
+    what a user's directory holds is input, and its errors are theirs to fix, not tracebacks."""
+    try:
+        return load()
+    except FluxDistError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers / transformers raise many kinds for a bad folder
+        folder = os.path.join(path, name)
+        raise FluxDistError(f"cannot load the {name} from {folder} (check {os.path.join(folder, 'config.json')} "
+                            f"and its weights): {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+
+
 def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
                     text_encoder: bool = True, quant: str = "none") -> Components:
     """Load transformer, VAE, scheduler, text encoder and tokenizer from ``path`` (never the hub).
@@ -103,28 +117,28 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
     def sub(name: str) -> str:
         return os.path.join(path, name)
 
+    loaded = "none"  # the mode a directory saved quantized runs in
     if checkpoint_format(sub("transformer")):  # `flux-dist quantize` (either format) or ModelOpt's export
-        transformer, _ = load_quantized(os.path.join(path, "transformer"), device)
-    elif quant != "none":
+        transformer, loaded = _component(path, "transformer", lambda: load_quantized(sub("transformer"), device, dtype))
+    elif quant != "none":  # read and quantized block by block, never the whole high-precision transformer
         from .lowmem_load import load_transformer_streaming
 
-        transformer = load_transformer_streaming(sub("transformer"), dtype=dtype, device=device, quant=quant)
+        transformer = _component(path, "transformer", lambda: load_transformer_streaming(
+            sub("transformer"), dtype=dtype, device=device, quant=quant))
     else:
-        transformer = Flux2Transformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement
-        )
-    vae = AutoencoderKLFlux2.from_pretrained(
-        path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        transformer = _component(path, "transformer", lambda: Flux2Transformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True, **placement))
+    vae = _component(path, "vae", lambda: AutoencoderKLFlux2.from_pretrained(
+        path, subfolder="vae", torch_dtype=dtype, local_files_only=True, **placement))
+    scheduler = _component(path, "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+        path, subfolder="scheduler", local_files_only=True))
     te_cls = Mistral3ForConditionalGeneration if family == "dev" else Qwen3ForCausalLM
     te = None
     if text_encoder:
-        te = te_cls.from_pretrained(sub("text_encoder"), dtype=dtype, local_files_only=True, **placement)
-    if family == "dev":
-        tokenizer: Any = PixtralProcessor.from_pretrained(sub("tokenizer"), local_files_only=True)
-    else:
-        tokenizer = Qwen2TokenizerFast.from_pretrained(sub("tokenizer"), local_files_only=True)
+        te = _component(path, "text_encoder", lambda: te_cls.from_pretrained(
+            sub("text_encoder"), dtype=dtype, local_files_only=True, **placement))
+    tok_cls: Any = PixtralProcessor if family == "dev" else Qwen2TokenizerFast
+    tokenizer = _component(path, "tokenizer", lambda: tok_cls.from_pretrained(sub("tokenizer"), local_files_only=True))
     for m in (transformer, vae, te):
         if m is None:
             continue
@@ -142,4 +156,5 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: str | torch.device
         is_distilled=True if family == "dev" else bool(index.get("is_distilled", False)),
         text_layers=DEV_TEXT_LAYERS if family == "dev" else KLEIN_TEXT_LAYERS,
         name=path,
+        quant=loaded,
     )

@@ -23,7 +23,9 @@ def load_model(
     layers). ``text_encoder=False``: a directory's encoder is not read (``build_prompt_encoder`` does it).
     """
     if model in PRESETS:
-        return build_preset(model, dtype=dtype, device=device, seed=seed, quant=quant)
+        c = build_preset(model, dtype=dtype, device=device, seed=seed, quant=quant)
+        c.quant = quant
+        return c
     if Path(model).exists() or "/" in model or model.startswith("."):
         from .loading import load_pretrained
 
@@ -31,7 +33,17 @@ def load_model(
             c = load_pretrained(model, dtype=dtype, device=device, quant=quant, text_encoder=text_encoder)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise FluxDistError(f"cannot load model directory '{model}': {e}") from e
-        quantize_transformer(c.transformer, quant)
+        if c.quant == "none":
+            quantize_transformer(c.transformer, quant)
+            c.quant = quant
+        elif quant not in ("none", c.quant):  # saved quantized: the same format may switch kernel, never re-quantize
+            if quant.removesuffix("-emulate") != c.quant.removesuffix("-emulate"):
+                raise FluxDistError(f"model directory '{model}' is saved quantized as {c.quant}; --quant {quant} "
+                                    "cannot re-quantize it (pass --quant none, or quantize the original model)")
+            from ..quant.linear import set_mode
+
+            set_mode(c.transformer, quant, dtype)
+            c.quant = quant
         return c
     raise FluxDistError(f"unknown model '{model}': not a preset ({', '.join(PRESETS)}) and no such directory")
 

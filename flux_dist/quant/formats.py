@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..config import CheckpointFormat, choices
 from ..errors import FluxDistError
-from .linear import QuantLinear, runnable_mode, set_mode
+from .linear import QuantLinear, cast_unquantized_, runnable_mode, set_mode
 from .numerics import BLOCK, FP8
 
 log = logging.getLogger("flux_dist")
@@ -68,8 +68,14 @@ def checkpoint_format(folder: str) -> str | None:
         return "modelopt"
     cfg = os.path.join(folder, "config.json")
     if os.path.exists(cfg):
-        with open(cfg, encoding="utf-8") as f:
-            qc = json.load(f).get("quantization_config")
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FluxDistError(f"{cfg} is not a valid JSON file: {e}") from e
+        if not isinstance(data, dict):
+            raise FluxDistError(f"{cfg} must hold a JSON object, got {type(data).__name__}")
+        qc = data.get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method") == "modelopt":
             return "modelopt"
     return None  # (another quant_method is left to diffusers' from_pretrained, as before)
@@ -251,11 +257,13 @@ def _from_modelopt(shell: nn.Module, folder: str, device: torch.device, plan: Qu
     return base
 
 
-def load_quantized_into(shell: nn.Module, folder: str, device: torch.device, plan: QuantPlan) -> str:
+def load_quantized_into(shell: nn.Module, folder: str, device: torch.device, plan: QuantPlan,
+                        dtype: torch.dtype | None = None) -> str:
     """Fill a meta-device ``shell`` from a quantized folder in either format; returns the mode it runs.
 
     A mode the device cannot run (FP8 on CPU, NVFP4 before Blackwell) is switched to its emulation,
-    with the loud warning, rather than failing at the first GEMM. Outputs keep the file's dtype.
+    with the loud warning, rather than failing at the first GEMM. The layers outside the quantized linears, and
+    the quantized linears' outputs, take ``dtype`` (the file's dtype when None).
     """
     from safetensors.torch import load_file
 
@@ -272,6 +280,7 @@ def load_quantized_into(shell: nn.Module, folder: str, device: torch.device, pla
     else:
         mode = _from_modelopt(shell, folder, device, plan)
     mode = runnable_mode(mode, device)
-    out_dtype = next(p.dtype for p in shell.parameters() if p.is_floating_point())  # the file's dtype rules
+    out_dtype = dtype or next(p.dtype for p in shell.parameters() if p.is_floating_point())
     set_mode(shell, mode, out_dtype)
+    cast_unquantized_(shell, out_dtype)
     return mode

@@ -177,6 +177,23 @@ def set_mode(module: nn.Module, mode: str, out_dtype: torch.dtype) -> None:
             m.mode, m.out_dtype = mode, out_dtype
 
 
+def cast_unquantized_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Everything outside the QuantLinears to ``dtype``; QuantLinears keep their format and scales, their bias
+    and their outputs take ``dtype`` (a checkpoint saved in bf16 runs in the float32 a run asks for)."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+            m.out_dtype = dtype
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
 def resolve_mode(mode: str, device: torch.device) -> str:
     """``auto``: NVFP4 on sm_100+, FP8 on sm_89 / sm_90, none elsewhere (never an emulation)."""
     if mode not in MODES:

@@ -13,10 +13,16 @@ from typing import Any
 from .. import distributed
 from ..config import RunConfig
 from ..errors import FluxDistError
-from .http import FrontEnd, ServeOptions
-from .loop import Job, JobOutcome, LoopHooks, StopSignal, broadcast, run_together, serve_loop
+from ..lockstep import FatalError, JobOutcome, RequestStopped, broadcast, run_together
+from .app import RequestValidator, create_app
+from .http import FrontEnd
+from .jobs import Job, JobQueue
+from .loop import LoopHooks, StopSignal, serve_loop
+from .protocol import DEFAULT_MAX_WORK
+from .schema import ServeOptions
 
-__all__ = ["Job", "JobOutcome", "ServeOptions", "StopSignal", "serve", "run_together"]
+__all__ = ["FatalError", "Job", "JobOutcome", "JobQueue", "RequestStopped", "RequestValidator", "ServeOptions",
+           "StopSignal", "create_app", "serve", "run_together"]
 
 log = logging.getLogger("flux_dist")
 
@@ -31,6 +37,9 @@ def serve(
     max_queue: int = 16,
     max_images: int = 4,
     request_timeout_s: float = 600.0,
+    max_work: int | None = DEFAULT_MAX_WORK,
+    read_timeout_s: float = 10.0,
+    max_connections: int = 64,
     heartbeat_s: float | None = None,
     stop: StopSignal | None = None,
     on_listening: Any = None,
@@ -40,18 +49,24 @@ def serve(
     ``stop`` lets an embedding launcher stop the server itself; by default SIGTERM / SIGINT do.
     ``on_listening(host, port)`` is called on rank 0 once the socket is bound (port 0 -> the real one).
     """
-    if max_queue < 1 or max_images < 1:
-        raise FluxDistError("--max-queue and --max-images must be at least 1")
+    opts = ServeOptions(host, port, api_key or None, max_queue, max_images, request_timeout_s, max_work,
+                        read_timeout_s, max_connections)
+    opts.check()
     main = engine.dist.is_main
     front: FrontEnd | None = None
     err: str | None = None
     if main:
-        opts = ServeOptions(host, port, api_key or None, max_queue, max_images, request_timeout_s)
+        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name)
         try:
-            front = FrontEnd(opts, cfg.request, validate=engine.validate, true_cfg=engine.true_cfg,
-                             model_name=engine.c.name)
+            front = FrontEnd(opts, validator)
         except OSError as e:
             err = f"cannot listen on {host}:{port}: {e}"
+        else:
+            try:
+                front.start()  # answers 503 "starting" until the loop marks it ready
+            except RuntimeError as e:
+                front.close()
+                front, err = None, f"the HTTP server on {host}:{port} did not start: {e}"
     # Doubles as the start-up barrier: every rank has its engine once this returns, and a rank 0
     # that cannot listen takes every rank down with the same message.
     status = broadcast(("start", err), engine.dist.device)
@@ -64,11 +79,11 @@ def serve(
     stop.install()
     hooks = LoopHooks()
     if front is not None:
-        front.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
-        front.start()
+        front.jobs.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
         h, p = front.address
-        log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request)", engine.c.name, h, p,
-                 " with an API key" if api_key else "", max_queue, max_images)
+        log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request, deadline %g s, work limit %s)",
+                 engine.c.name, h, p, " with an API key" if api_key else "", max_queue, max_images, request_timeout_s,
+                 max_work)
         if on_listening is not None:
             on_listening(h, p)
         hooks = LoopHooks(on_ready=front.mark_ready, on_fatal=front.mark_down)
@@ -81,4 +96,3 @@ def serve(
             front.close()
     log.info("server stopped (exit %d)", code)
     return code
-

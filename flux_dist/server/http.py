@@ -1,272 +1,158 @@
-"""Rank 0's HTTP front end (standard library only): parse, check, queue, wait, answer.
+"""Rank 0's HTTP transport: the FastAPI app (``app.py``) under uvicorn, in a thread of its own.
 
-The HTTP threads never touch the model or a collective: they validate a request, put a ``Job`` on
-a bounded FIFO queue (full -> 429) and wait on its future; the serving loop on the main thread
-takes jobs one at a time and broadcasts them to every rank.
+The event loop never touches the model or a collective: a handler checks a request, puts a ``Job``
+on the bounded queue (full -> 429) and awaits its future; the serving loop on the main thread takes
+jobs one at a time and broadcasts them to every rank. Signals stay with ``StopSignal`` (uvicorn's
+handlers are never installed).
+
+Bounds on a connection (``ServeOptions.read_timeout_s`` = T, ``max_connections`` = C):
+
+- the request head must be complete within T of the connection opening or of the previous response
+  (nothing sent, partial headers, an idle keep-alive connection: closed after T);
+- the body must be complete within T of the head (else 408, closed) and at most ``max_body_bytes``
+  (else 413, closed);
+- more than C open connections: 503 with ``Retry-After``; more than 2C: closed at accept.
 """
 
 from __future__ import annotations
 
-import base64
-import hmac
-import io
-import itertools
+import contextlib
 import json
 import logging
-import queue
+import socket
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import CancelledError
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Generator
 
-from ..config import RequestConfig
-from .loop import Job, JobOutcome
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .app import RequestValidator, create_app
+from .jobs import JobQueue
 from .metrics import Metrics
-from .protocol import MAX_BODY_BYTES, BadRequest, parse_generation
+from .schema import ServeOptions, error_body
 
 log = logging.getLogger("flux_dist")
 
-GENERATIONS = "/v1/images/generations"
+__all__ = ["FrontEnd", "ServeOptions"]
 
 
-@dataclass
-class ServeOptions:
-    """Front-end knobs (the CLI's ``serve`` flags; other launchers pass the same)."""
+def _protocol(read_timeout_s: float, hard_cap: int, metrics: Metrics) -> type[H11Protocol]:
+    """uvicorn's h11 protocol plus a read deadline for the request head and a hard connection cap."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_queue: int = 16
-    max_images: int = 4
-    request_timeout_s: float = 600.0
+    class BoundedH11(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def, override]
+            super().connection_made(transport)
+            if len(self.connections) > hard_cap:
+                transport.close()  # far over the cap: no reply, do not even read
+                return
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(read_timeout_s, self._head_expired)
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:  # no new request head within the deadline
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:  # unparseable HTTP: our error shape, counted
+            body = json.dumps(error_body(400, f"malformed HTTP request: {msg}")).encode()
+            metrics.response(400)
+            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return BoundedH11
 
 
-class HTTPError(Exception):
-    def __init__(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.code, self.message, self.kind = code, message, kind
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: SIGTERM / SIGINT belong to the serving loop's StopSignal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn spells it so
+        pass
+
+
+def _share_log_handlers() -> None:
+    """uvicorn's warnings and errors (malformed HTTP, a handler bug) through flux-dist's "[rank0]" handler."""
+    ours, theirs = logging.getLogger("flux_dist"), logging.getLogger("uvicorn")
+    if ours.handlers and not theirs.handlers:
+        for h in ours.handlers:
+            theirs.addHandler(h)
+        theirs.setLevel(logging.WARNING)
+        theirs.propagate = False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
 
 
 class FrontEnd:
-    """The listening socket, the job queue, health state and metrics (rank 0 only)."""
+    """The listening socket, the job queue, the app and its uvicorn server (rank 0 only)."""
 
-    def __init__(self, opts: ServeOptions, defaults: RequestConfig, *, validate: Callable[[RequestConfig], None],
-                 true_cfg: bool, model_name: str) -> None:
+    def __init__(self, opts: ServeOptions, validator: RequestValidator, jobs: JobQueue | None = None) -> None:
         self.opts = opts
-        self.defaults = defaults
-        self.validate = validate
-        self.true_cfg = true_cfg
-        self.model_name = model_name
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, opts.max_queue))
-        self.metrics = Metrics()
-        self.ready = threading.Event()
-        self.down_reason: str | None = None
-        self.stopping = threading.Event()
-        self._ids = itertools.count(1)
+        self.jobs = jobs or JobQueue(opts.max_queue)
+        self.app = create_app(opts, validator, self.jobs)
+        self.metrics: Metrics = self.app.state.metrics
+        self.sock = _listen(opts.host, opts.port)  # OSError here: the caller says "cannot listen"
+        config = uvicorn.Config(
+            self.app, http=_protocol(opts.read_timeout_s, 2 * opts.max_connections, self.metrics), lifespan="off",
+            log_config=None, access_log=False, server_header=False, timeout_keep_alive=opts.read_timeout_s,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=5)
+        self.server = _Server(config)
+        _share_log_handlers()
+        self.app.state.connections = lambda: len(self.server.server_state.connections)
         self._thread: threading.Thread | None = None
-        front = self
-
-        class Handler(_Handler):
-            fe = front
-
-        self.httpd = ThreadingHTTPServer((opts.host, opts.port), Handler, bind_and_activate=False)
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 128  # a burst of clients must reach us to be told 429, not be refused
-        try:
-            self.httpd.server_bind()
-            self.httpd.server_activate()
-        except BaseException:
-            self.httpd.server_close()
-            raise
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]  # type: ignore[return-value]
+        return self.sock.getsockname()[:2]
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="flux-dist-http", daemon=True)
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name="flux-dist-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the HTTP server did not start")
 
     def mark_ready(self) -> None:
-        self.ready.set()
+        self.jobs.mark_ready()
 
     def mark_down(self, reason: str) -> None:
-        """Not ready from now on (a rank died, or shutting down); queued jobs are answered 503."""
-        self.down_reason = reason
-        self.ready.clear()
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            job.future.cancel()
+        self.jobs.mark_down(reason)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def next_id(self) -> int:
-        return next(self._ids)
-
-
-def _png_b64(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    fe: FrontEnd
-    protocol_version = "HTTP/1.1"
-    server_version = "flux-dist"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http %s " + format, self.address_string(), *args)
-
-    # -- plumbing ----------------------------------------------------------------------------------
-    def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
-        self.fe.metrics.response(code)
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(code, json.dumps(obj).encode(), "application/json", headers)
-
-    def _error(self, e: HTTPError, headers: dict[str, str] | None = None) -> None:
-        self._json(e.code, {"error": {"message": e.message, "type": e.kind, "code": e.code}}, headers)
-
-    def _authorize(self) -> None:
-        key = self.fe.opts.api_key
-        if not key:
-            return
-        got = self.headers.get("Authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise HTTPError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise HTTPError(411, "a Content-Length header is required")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise HTTPError(400, f"bad Content-Length {length!r}") from None
-        if n < 0 or n > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise HTTPError(413, f"body of {n} bytes is over the limit of {MAX_BODY_BYTES}")
-        return self.rfile.read(n)
-
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except HTTPError as e:
-            extra = {"WWW-Authenticate": "Bearer"} if e.code == 401 else None
-            if e.code == 429:
-                extra = {"Retry-After": "1"}
-            self._error(e, extra)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - a front-end bug answers 500, the server keeps serving
-            log.exception("HTTP handler failed")
-            self._error(HTTPError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
-
-    # -- routes ------------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        self._guard(self._get)
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        self._guard(self._post)
-
-    def _get(self) -> None:
-        if self.command == "GET" and self.headers.get("Content-Length") not in (None, "0"):
-            self.close_connection = True  # we do not read GET bodies
-        self._authorize()
-        path = self.path.split("?", 1)[0]
-        fe = self.fe
-        if path == "/health":
-            if fe.stopping.is_set() and fe.down_reason is None:
-                self._json(503, {"status": "stopping", "reason": "shutting down"})
-            elif fe.ready.is_set():
-                self._json(200, {"status": "ready", "model": fe.model_name, "queue_length": fe.jobs.qsize()})
-            else:
-                self._json(503, {"status": "down" if fe.down_reason else "starting", "reason": fe.down_reason})
-        elif path == "/metrics":
-            text = fe.metrics.render(queue_length=fe.jobs.qsize(), queue_limit=fe.jobs.maxsize,
-                                     ready=fe.ready.is_set() and not fe.stopping.is_set())
-            self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
-        else:
-            raise HTTPError(404, f"no route GET {path}")
-
-    def _post(self) -> None:
-        arrived = time.perf_counter()
-        fe = self.fe
-        try:
-            self._authorize()
-        except HTTPError:
-            self.close_connection = True  # the body stays unread
-            raise
-        raw = self._body()
-        path = self.path.split("?", 1)[0]
-        if path != GENERATIONS:
-            raise HTTPError(404, f"no route POST {path}")
-        fe.metrics.generation()
-        if not fe.ready.is_set() or fe.stopping.is_set():
-            reason = fe.down_reason or ("shutting down" if fe.stopping.is_set() else "starting")
-            raise HTTPError(503, f"not ready: {reason}", "server_error")
-        try:
-            spec = parse_generation(raw, fe.defaults, true_cfg=fe.true_cfg, max_images=fe.opts.max_images,
-                                    validate=fe.validate)
-        except BadRequest as e:
-            raise HTTPError(400, str(e)) from None
-        job = Job(fe.next_id(), spec.requests)
-        try:
-            fe.jobs.put_nowait(job)
-        except queue.Full:
-            raise HTTPError(429, f"the queue is full ({fe.jobs.maxsize} waiting); retry later",
-                            "rate_limit_error") from None
-        try:
-            outcome: JobOutcome = job.future.result(timeout=fe.opts.request_timeout_s)
-        except FutureTimeout:
-            job.future.cancel()
-            raise HTTPError(504, f"no result within {fe.opts.request_timeout_s:g} s", "server_error") from None
-        except CancelledError:
-            raise HTTPError(503, f"not served: {fe.down_reason or 'cancelled'}", "server_error") from None
-        except Exception as e:  # FatalError: the ranks are gone
-            raise HTTPError(503, f"the server is going down: {e}", "server_error") from None
-        if not outcome.ok:
-            msg = "; ".join(outcome.errors) or "generation failed"
-            if outcome.bad_request:
-                raise HTTPError(400, msg)
-            fe.metrics.failure()
-            raise HTTPError(500, f"generation failed: {msg}", "server_error")
-        done = time.perf_counter()
-        ms = [r.metrics for r in outcome.results]
-        skipped = sum(int(m.get("cache_skipped_steps", 0) or 0) for m in ms)
-        fe.metrics.job_done(done - arrived, len(ms), sum(r.steps for r in spec.requests), skipped)
-        data = [{"b64_json": _png_b64(r.image), "seed": q.seed} for r, q in zip(outcome.results, spec.requests,
-                                                                                 strict=True)]
-        timings = {
-            "queue_s": round(job.started - job.enqueued, 4),
-            "compute_s": round(done - job.started, 4),
-            "total_s": round(time.perf_counter() - arrived, 4),
-            "images": [{k: m[k] for k in ("text_encode_s", "denoise_s", "decode_s", "total_s") if k in m}
-                       | {"cache_skipped_steps": int(m.get("cache_skipped_steps", 0) or 0)} for m in ms],
-        }
-        self._json(200, {"created": int(time.time()), "data": data, "timings": timings,
-                         "layout": ms[0].get("layout") if ms else None})
+            self._thread.join(timeout=15)
+        self.sock.close()

@@ -2,9 +2,11 @@
 
 Messages (a tuple, sent with ``broadcast_object_list`` from rank 0):
 
-- ``("job", id, [request dicts])``: every rank runs ``Engine.generate`` on the same requests, then
-  the ranks agree on success with one ``all_reduce(MIN)``, so a failure on any rank is a failure of
-  the job on all of them and nobody is left waiting in a collective.
+- ``("job", id, [request dicts])``: every rank runs ``Engine.generate`` on the same requests
+  (``lockstep.run_together``), then the ranks agree on the outcome with one ``all_reduce``, so a
+  failure on any rank is a failure of the job on all of them and nobody is left waiting in a
+  collective. Before every denoise step the ranks agree whether to stop the job there (its deadline,
+  its client gone, a stop signal: rank 0 knows; ``lockstep.step_control``).
 - ``("ping",)``: sent while idle, so the waiting ranks' broadcast never reaches the process-group
   timeout and a dead peer is noticed while idle, not only at the next request.
 - ``("stop",)``: every rank leaves the loop and exits 0.
@@ -16,99 +18,26 @@ and the process exits non-zero rather than serving half-alive.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from ..config import RequestConfig
-from ..errors import FluxDistError
+from ..lockstep import FatalError, JobOutcome, RequestStopped, broadcast, run_together, step_control
+from .jobs import Job, JobQueue
+
+__all__ = ["FatalError", "Job", "JobOutcome", "LoopHooks", "RequestStopped", "StopSignal", "broadcast",
+           "run_together", "serve_loop"]
 
 log = logging.getLogger("flux_dist")
 
 JOB, PING, STOP = "job", "ping", "stop"
-
-
-class FatalError(RuntimeError):
-    """The ranks can no longer be trusted to be in step: end the server."""
-
-
-@dataclass
-class Job:
-    """One queued unit of work (one HTTP request, n images) and the future its HTTP thread waits on."""
-
-    id: int
-    requests: list[RequestConfig]
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
-    started: float = 0.0
-
-
-@dataclass
-class JobOutcome:
-    """What every rank knows after a job: all ranks succeeded (results on rank 0) or the errors."""
-
-    ok: bool
-    results: list[Any]  # engine Results (rank 0 holds the images)
-    errors: list[str]  # one line per failing rank, "rank R: message"
-    bad_request: bool = False  # every failing rank raised FluxDistError: the input's fault (400)
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def broadcast(msg: tuple | None, device: torch.device) -> tuple:
-    """Rank 0's ``msg`` on every rank (``msg`` is ignored elsewhere)."""
-    if _world() == 1:
-        assert msg is not None
-        return msg
-    box = [msg]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
-def run_together(engine: Any, requests: list[RequestConfig]) -> JobOutcome:
-    """Generate ``requests`` on every rank, then agree on the outcome (call on every rank, same requests).
-
-    An exception on one rank is caught there; the agreement makes it a failure of the job everywhere.
-    A failed collective (``torch.distributed.DistError``) is re-raised as ``FatalError``.
-    """
-    results: list[Any] = []
-    err: BaseException | None = None
-    try:
-        for r in requests:
-            results.append(engine.generate(r))
-    except dist.DistError as e:
-        raise FatalError(f"a collective failed during a job: {e}") from e
-    except Exception as e:  # noqa: BLE001 - any model failure must be reported, not kill the rank
-        err = e
-        log.error("job failed on this rank: %s: %s", type(e).__name__, e)
-    if _world() == 1:
-        msgs = [] if err is None else [f"rank 0: {err}"]
-        return JobOutcome(err is None, results, msgs, isinstance(err, FluxDistError))
-    dev = engine.dist.device
-    try:
-        flags = torch.tensor([0 if err is None else 1, 0 if err is None or isinstance(err, FluxDistError) else 1],
-                             device=dev, dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        failed, model_failed = (bool(v) for v in flags.tolist())
-        errors: list[str] = []
-        if failed:  # rare path: every rank knows it is taken, so this collective is matched too
-            gathered: list[Any] = [None] * _world()
-            dist.all_gather_object(gathered, None if err is None else f"{type(err).__name__}: {err}")
-            errors = [f"rank {r}: {m}" for r, m in enumerate(gathered) if m is not None]
-    except Exception as e:
-        raise FatalError(f"the ranks could not agree on a job's outcome: {e}") from e
-    return JobOutcome(not failed, results if not failed else [], errors, failed and not model_failed)
 
 
 class StopSignal:
@@ -154,7 +83,7 @@ class LoopHooks:
 
 def serve_loop(
     engine: Any,
-    jobs: queue.Queue | None,
+    jobs: JobQueue | None,
     stop: StopSignal,
     *,
     heartbeat_s: float = 5.0,
@@ -207,8 +136,11 @@ def serve_loop(
             if kind == PING:
                 continue
             requests = [RequestConfig(**d) for d in msg[2]]
+            # Rank 0 decides whether to stop (deadline, client gone, stop signal); every rank takes the verdict at
+            # the same step.
+            check = functools.partial(job.stop_reason, stop.event) if job is not None else None
             try:
-                outcome = run_together(engine, requests)
+                outcome = run_together(engine, requests, control=step_control(dev, check))
             except FatalError as e:
                 if job is not None:
                     job.future.set_exception(e)

@@ -1,84 +1,66 @@
-"""Prometheus text-format metrics, kept by hand (no client library: one small dependency less)."""
+"""The server's Prometheus metrics (``prometheus_client``), in a registry of their own per server."""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..lockstep import STOP_REASONS
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 
 
 class Metrics:
-    """Counters, gauges and one latency histogram; thread-safe (the HTTP threads and the loop write)."""
+    """Counters, gauges and one latency histogram (thread-safe: the event loop and the serving loop write)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.responses: Counter[str] = Counter()  # by HTTP status code, every endpoint
-        self.generation_requests = 0
-        self.failures = 0  # 500s: the model failed (bad requests are counted by code, not here)
-        self.images = 0
-        self.cache_skipped_steps = 0
-        self.steps = 0
-        self.latency_buckets = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        # No "<name>_created" series: they double the text and nothing here reads them. (Process-wide switch.)
+        prometheus_client.disable_created_metrics()
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._responses = Counter("flux_dist_http_responses", "HTTP responses by status code (499: the client left "
+                                  "before the answer).", ["code"], registry=r)
+        self._requests = Counter("flux_dist_requests", "Image generation requests received.", registry=r)
+        self._failures = Counter("flux_dist_request_failures",
+                                 "Generation requests that failed inside the model (HTTP 500).", registry=r)
+        self._stopped = Counter("flux_dist_requests_stopped", "Generation requests stopped at a step boundary or "
+                                "dropped from the queue, by reason (deadline, cancelled, shutdown).", ["reason"],
+                                registry=r)
+        for reason in STOP_REASONS:
+            self._stopped.labels(reason=reason)  # present (at 0) from the start
+        self._images = Counter("flux_dist_images", "Images generated.", registry=r)
+        self._steps = Counter("flux_dist_denoise_steps", "Denoising steps run or skipped.", registry=r)
+        self._skipped = Counter("flux_dist_cache_skipped_steps", "Denoising steps the step cache skipped.", registry=r)
+        self._queue_length = Gauge("flux_dist_queue_length", "Jobs waiting in the FIFO queue.", registry=r)
+        self._queue_limit = Gauge("flux_dist_queue_limit", "Queue length over which requests get 429.", registry=r)
+        self._ready = Gauge("flux_dist_ready", "1 when every rank is serving.", registry=r)
+        self._connections = Gauge("flux_dist_http_connections", "Open HTTP connections.", registry=r)
+        self._latency = Histogram("flux_dist_request_latency_seconds",
+                                  "Successful generation requests, arrival to result (queue wait included).",
+                                  buckets=LATENCY_BUCKETS, registry=r)
 
     def response(self, code: int) -> None:
-        with self._lock:
-            self.responses[str(code)] += 1
+        self._responses.labels(code=str(code)).inc()
 
     def generation(self) -> None:
-        with self._lock:
-            self.generation_requests += 1
+        self._requests.inc()
 
     def failure(self) -> None:
-        with self._lock:
-            self.failures += 1
+        self._failures.inc()
+
+    def stopped(self, reason: str) -> None:
+        self._stopped.labels(reason=reason).inc()
 
     def job_done(self, latency_s: float, images: int, steps: int, skipped: int) -> None:
-        with self._lock:
-            self.images += images
-            self.steps += steps
-            self.cache_skipped_steps += skipped
-            self.latency_sum += latency_s
-            self.latency_count += 1
-            for i, le in enumerate(LATENCY_BUCKETS):
-                if latency_s <= le:
-                    self.latency_buckets[i] += 1
+        self._images.inc(images)
+        self._steps.inc(steps)
+        self._skipped.inc(skipped)
+        self._latency.observe(latency_s)
 
-    def render(self, *, queue_length: int, queue_limit: int, ready: bool) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {_fmt(v)}" for labels, v in samples)
-
-        with self._lock:
-            metric("flux_dist_http_responses_total", "counter", "HTTP responses by status code.",
-                   [(f'{{code="{c}"}}', n) for c, n in sorted(self.responses.items())])
-            metric("flux_dist_requests_total", "counter", "Image generation requests received.",
-                   [("", self.generation_requests)])
-            metric("flux_dist_request_failures_total", "counter",
-                   "Generation requests that failed inside the model (HTTP 500).", [("", self.failures)])
-            metric("flux_dist_images_total", "counter", "Images generated.", [("", self.images)])
-            metric("flux_dist_denoise_steps_total", "counter", "Denoising steps run or skipped.", [("", self.steps)])
-            metric("flux_dist_cache_skipped_steps_total", "counter",
-                   "Denoising steps the step cache skipped.", [("", self.cache_skipped_steps)])
-            metric("flux_dist_queue_length", "gauge", "Jobs waiting in the FIFO queue.", [("", queue_length)])
-            metric("flux_dist_queue_limit", "gauge", "Queue length over which requests get 429.",
-                   [("", queue_limit)])
-            metric("flux_dist_ready", "gauge", "1 when every rank is serving.", [("", int(ready))])
-            name = "flux_dist_request_latency_seconds"
-            lines.append(f"# HELP {name} Successful generation requests, arrival to result (queue wait included).")
-            lines.append(f"# TYPE {name} histogram")
-            for le, n in zip(LATENCY_BUCKETS, self.latency_buckets, strict=True):
-                lines.append(f'{name}_bucket{{le="{_fmt(le)}"}} {n}')
-            lines.append(f'{name}_bucket{{le="+Inf"}} {self.latency_count}')
-            lines.append(f"{name}_sum {_fmt(round(self.latency_sum, 6))}")
-            lines.append(f"{name}_count {self.latency_count}")
-        return "\n".join(lines) + "\n"
+    def render(self, *, queue_length: int, queue_limit: int, ready: bool, connections: int = 0) -> str:
+        """The Prometheus text exposition (version 0.0.4)."""
+        self._queue_length.set(queue_length)
+        self._queue_limit.set(queue_limit)
+        self._ready.set(int(ready))
+        self._connections.set(connections)
+        return prometheus_client.generate_latest(self.registry).decode()

@@ -15,16 +15,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import RequestConfig
+from ..config import MAX_SEED, RequestConfig
 from ..errors import FluxDistError
 
 MAX_BODY_BYTES = 1 << 20  # a prompt is text: a megabyte is already absurd
-SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
-MAX_SEED = 2**63 - 1
+# ASCII digits only, no spaces: "９６x９６" and " 64 x 64 " are refused (one spelling, as OpenAI's enum).
+SIZE_RE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})", re.ASCII)
+
+# 2048x2048 x 50 steps x 1 image (or 1024x1024 x 50 steps x 4 images): pixels x steps x images.
+DEFAULT_MAX_WORK = 2048 * 2048 * 50
 
 
 class BadRequest(FluxDistError):
-    """The client's fault: a 400 with this message; nothing was broadcast."""
+    """The client's fault: a 400 with this message; nothing was broadcast. ``param``: the field, if one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -40,26 +47,41 @@ def _int(body: dict, key: str, lo: int, hi: int) -> int | None:
     if v is None:
         return None
     if not isinstance(v, int) or isinstance(v, bool):
-        raise BadRequest(f"'{key}' must be an integer, got {type(v).__name__}")
+        raise BadRequest(f"'{key}' must be an integer, got {type(v).__name__}", key)
     if not lo <= v <= hi:
-        raise BadRequest(f"'{key}' must be in {lo}..{hi}, got {v}")
+        raise BadRequest(f"'{key}' must be in {lo}..{hi}, got {v}", key)
     return v
 
 
 def _str(body: dict, key: str) -> str | None:
     v = body.get(key)
     if v is not None and not isinstance(v, str):
-        raise BadRequest(f"'{key}' must be a string, got {type(v).__name__}")
+        raise BadRequest(f"'{key}' must be a string, got {type(v).__name__}", key)
+    return v
+
+
+def _text(body: dict, key: str) -> str | None:
+    """A prompt: a string of valid Unicode (no lone surrogate, which JSON's \\ud800 can carry) and no NUL."""
+    v = _str(body, key)
+    if v is None:
+        return None
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"'{key}' is not valid Unicode: a lone surrogate at index {e.start}", key) from None
+    if "\x00" in v:
+        raise BadRequest(f"'{key}' contains a NUL character (index {v.index(chr(0))})", key)
     return v
 
 
 def parse_size(size: Any) -> tuple[int, int]:
     """``"WxH"`` -> (width, height)."""
     if not isinstance(size, str):
-        raise BadRequest(f"'size' must be a string like \"1024x1024\", got {type(size).__name__}")
-    m = SIZE_RE.match(size)
+        raise BadRequest(f"'size' must be a string like \"1024x1024\", got {type(size).__name__}", "size")
+    m = SIZE_RE.fullmatch(size)
     if not m:
-        raise BadRequest(f"'size' must look like \"WIDTHxHEIGHT\" (e.g. \"1024x768\"), got {size!r}")
+        raise BadRequest(f"'size' must look like \"WIDTHxHEIGHT\" in ASCII digits, no spaces (e.g. \"1024x768\"), "
+                         f"got {size!r}", "size")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -70,18 +92,18 @@ def request_fields(body: dict, *, true_cfg: bool) -> dict[str, Any]:
     the config names (``steps``, ``guidance``, ``height``/``width``).
     """
     out: dict[str, Any] = {}
-    prompt = _str(body, "prompt")
+    prompt = _text(body, "prompt")
     if prompt is None or not prompt.strip():
-        raise BadRequest("'prompt' is required and must be a non-empty string")
+        raise BadRequest("'prompt' is required and must be a non-empty string", "prompt")
     out["prompt"] = prompt
-    neg = _str(body, "negative_prompt")
+    neg = _text(body, "negative_prompt")
     if neg is not None:
         if not true_cfg:
             raise BadRequest("'negative_prompt' is only used by models with true CFG ([klein] base); this model is "
-                             "guidance-distilled")
+                             "guidance-distilled", "negative_prompt")
         out["negative_prompt"] = neg
     if "size" in body and ("height" in body or "width" in body):
-        raise BadRequest("give either 'size' or 'height'/'width', not both")
+        raise BadRequest("give either 'size' or 'height'/'width', not both", "size")
     if "size" in body:
         out["width"], out["height"] = parse_size(body["size"])
     for key in ("height", "width"):
@@ -91,7 +113,7 @@ def request_fields(body: dict, *, true_cfg: bool) -> dict[str, Any]:
     for names, dest in ((("num_inference_steps", "steps"), "steps"), (("guidance_scale", "guidance"), "guidance")):
         given = [k for k in names if k in body]
         if len(given) > 1:
-            raise BadRequest(f"give one of {' / '.join(repr(k) for k in names)}, not both")
+            raise BadRequest(f"give one of {' / '.join(repr(k) for k in names)}, not both", names[0])
         if not given:
             continue
         key = given[0]
@@ -100,7 +122,7 @@ def request_fields(body: dict, *, true_cfg: bool) -> dict[str, Any]:
         else:
             g = body[key]
             if not isinstance(g, int | float) or isinstance(g, bool) or not math.isfinite(g) or g < 0:
-                raise BadRequest(f"'{key}' must be a finite number >= 0, got {g!r}")
+                raise BadRequest(f"'{key}' must be a finite number >= 0, got {g!r}", key)
             out[dest] = float(g)
     seed = _int(body, "seed", 0, MAX_SEED)
     if seed is not None:
@@ -112,6 +134,63 @@ GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "seed", "num_infe
                      "negative_prompt", "model", "user"}
 
 
+def check_body(body: Any, *, true_cfg: bool, max_images: int) -> tuple[int, dict[str, Any], str]:
+    """A decoded ``POST /v1/images/generations`` body -> ``(n, request fields, response_format)``.
+
+    Every rule on the body itself (object, known fields, types, ranges, text, size spelling); the
+    server's pydantic model runs this first so its messages are these.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - GENERATION_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(GENERATION_FIELDS))
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))} (known: {known})", unknown[0])
+    _str(body, "model")  # accepted for OpenAI clients; one server serves one model
+    _str(body, "user")
+    fmt = _str(body, "response_format") or "b64_json"
+    if fmt != "b64_json":
+        raise BadRequest(f"'response_format' {fmt!r} is not supported: this server returns 'b64_json' only",
+                         "response_format")
+    n = _int(body, "n", 1, max_images) or 1
+    fields = request_fields(body, true_cfg=true_cfg)
+    if fields.get("seed", 0) + n - 1 > MAX_SEED:
+        raise BadRequest("'seed' + n - 1 overflows the seed range", "seed")
+    return n, fields, fmt
+
+
+def work(requests: list[RequestConfig]) -> int:
+    """A request's work: pixels x steps, summed over its images."""
+    return sum(r.width * r.height * r.steps for r in requests)
+
+
+def build_requests(
+    n: int,
+    fields: dict[str, Any],
+    defaults: RequestConfig,
+    *,
+    validate: Callable[[RequestConfig], None],
+    max_work: int | None = None,
+) -> list[RequestConfig]:
+    """``n`` requests (seeds seed, seed+1, ...) from checked fields, the server's defaults, ``validate``
+    (``Engine.validate``: the checks ``generate`` repeats on every rank, run here first so a bad request
+    never reaches a collective) and the work limit."""
+    # The server's fixed knobs (max_sequence_length) come from the config; a missing seed is drawn here
+    # (rank 0) and travels with the request, so every rank still uses the same one.
+    fields = {"seed": secrets.randbelow(2**31), **fields}
+    base = dataclasses.replace(defaults, **fields)
+    try:
+        validate(base)
+    except FluxDistError as e:
+        raise BadRequest(str(e)) from None
+    reqs = [dataclasses.replace(base, seed=base.seed + i) for i in range(n)]
+    if max_work is not None and work(reqs) > max_work:
+        raise BadRequest(f"{base.width}x{base.height} x {base.steps} steps x {n} image(s) = {work(reqs)} pixel-steps "
+                         f"is over this server's work limit of {max_work} (--max-work); ask for fewer pixels, "
+                         "steps or images")
+    return reqs
+
+
 def parse_generation(
     raw: bytes,
     defaults: RequestConfig,
@@ -119,37 +198,12 @@ def parse_generation(
     true_cfg: bool,
     max_images: int,
     validate: Callable[[RequestConfig], None],
+    max_work: int | None = None,
 ) -> GenerationJob:
-    """``POST /v1/images/generations`` body -> a job, or ``BadRequest`` with a message a client can act on.
-
-    ``validate`` is ``Engine.validate``: the exact checks ``generate`` repeats on every rank, run here
-    first so a bad request never reaches a collective.
-    """
+    """``POST /v1/images/generations`` body bytes -> a job, or ``BadRequest`` with a message a client can act on."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - GENERATION_FIELDS)
-    if unknown:
-        known = ", ".join(sorted(GENERATION_FIELDS))
-        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))} (known: {known})")
-    _str(body, "model")  # accepted for OpenAI clients; one server serves one model
-    _str(body, "user")
-    fmt = _str(body, "response_format") or "b64_json"
-    if fmt != "b64_json":
-        raise BadRequest(f"'response_format' {fmt!r} is not supported: this server returns 'b64_json' only")
-    n = _int(body, "n", 1, max_images) or 1
-    fields = request_fields(body, true_cfg=true_cfg)
-    # The server's fixed knobs (max_sequence_length) come from the config; a missing seed is drawn here
-    # (rank 0) and travels with the request, so every rank still uses the same one.
-    fields.setdefault("seed", secrets.randbelow(2**31))
-    if fields["seed"] + n - 1 > MAX_SEED:
-        raise BadRequest("'seed' + n - 1 overflows the seed range")
-    base = dataclasses.replace(defaults, **fields)
-    try:
-        validate(base)
-    except FluxDistError as e:
-        raise BadRequest(str(e)) from None
-    return GenerationJob([dataclasses.replace(base, seed=base.seed + i) for i in range(n)], fmt)
+    n, fields, fmt = check_body(body, true_cfg=true_cfg, max_images=max_images)
+    return GenerationJob(build_requests(n, fields, defaults, validate=validate, max_work=max_work), fmt)

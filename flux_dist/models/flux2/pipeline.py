@@ -31,7 +31,9 @@ def encode_prompt(c: Components, prompt: str, max_len: int, seed: int, device: t
                   dtype: torch.dtype) -> torch.Tensor:
     """Prompt embeddings ``[1, max_len, joint_dim]``; seeded random ones when the model has no encoder."""
     if c.text_encoder is None:
-        g = torch.Generator("cpu").manual_seed(seed * 1_000_003 + zlib.crc32(prompt.encode()))
+        # Reduced modulo 2**64 (what manual_seed takes): unchanged for every seed that fit before, and no
+        # overflow for any seed up to MAX_SEED.
+        g = torch.Generator("cpu").manual_seed((seed * 1_000_003 + zlib.crc32(prompt.encode())) % 2**64)
         return torch.randn(1, max_len, c.transformer.config.joint_attention_dim, generator=g).to(device, dtype)
     fn = Flux2Pipeline._get_mistral_3_small_prompt_embeds if c.family == "dev" else \
         Flux2KleinPipeline._get_qwen3_prompt_embeds

@@ -60,9 +60,10 @@ PLAN = QuantPlan(quantize=quantize_transformer, quantizable=quantizable,
                  summary=f"{', '.join(QUANTIZED[:8])}, ... in the blocks only")
 
 
-def load_quantized(folder: str, device) -> tuple[Flux2Transformer2DModel, str]:
+def load_quantized(folder: str, device, dtype=None) -> tuple[Flux2Transformer2DModel, str]:
     """A quantized FLUX.2 transformer folder (flux-dist's or ModelOpt's format): a shell built on the
-    meta device, then the saved tensors assigned. Returns the transformer and the mode it runs."""
+    meta device, then the saved tensors assigned, the rest cast to ``dtype``. Returns the transformer and the
+    mode it runs."""
     import torch
 
     from ...quant import load_quantized_into
@@ -71,5 +72,5 @@ def load_quantized(folder: str, device) -> tuple[Flux2Transformer2DModel, str]:
     cfg.pop("quantization_config", None)  # ours to read, not diffusers' quantizer's
     with torch.device("meta"):
         tr = Flux2Transformer2DModel.from_config(cfg)
-    mode = load_quantized_into(tr, folder, device, PLAN)
+    mode = load_quantized_into(tr, folder, device, PLAN, dtype)
     return tr.eval().requires_grad_(False), mode
