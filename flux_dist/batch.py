@@ -17,13 +17,14 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import FluxDistError
+from .images import read_images
 from .lockstep import broadcast, run_together
 from .server.protocol import request_fields
 
 log = logging.getLogger("flux_dist")
 
 LINE_FIELDS = {"prompt", "negative_prompt", "seed", "size", "height", "width", "steps", "num_inference_steps",
-               "guidance", "guidance_scale", "lora"}
+               "guidance", "guidance_scale", "lora", "images"}
 EXIT_SOME_FAILED = 3
 
 
@@ -32,8 +33,9 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
 
     Plain text: one prompt a line. JSONL: one object a line with ``prompt`` and optionally ``seed``,
     ``size`` ("WxH") or ``height``/``width``, ``steps``, ``guidance``, ``negative_prompt``, ``lora``
-    (``{"NAME": scale}`` of adapters loaded at start; replaces the ``--lora`` default, ``{}`` for none).
-    Blank lines and lines starting with ``#`` are skipped in both.
+    (``{"NAME": scale}`` of adapters loaded at start; replaces the ``--lora`` default, ``{}`` for none),
+    ``images`` (reference image paths, in order; relative to the working directory). Blank lines and lines
+    starting with ``#`` are skipped in both.
     """
     out: list[tuple[int, dict[str, Any] | str]] = []
     for no, line in enumerate(text.splitlines(), start=1):
@@ -51,17 +53,23 @@ def parse_lines(text: str, *, jsonl: bool, true_cfg: bool) -> list[tuple[int, di
             if unknown:
                 raise FluxDistError(f"unknown field(s) {', '.join(map(repr, unknown))} "
                                     f"(known: {', '.join(sorted(LINE_FIELDS))})")
-            fields = request_fields(obj, true_cfg=true_cfg)
-            if "lora" in obj:  # names and scales are checked against the loaded adapters (Engine.validate)
-                if not isinstance(obj["lora"], dict):
-                    raise FluxDistError(f"'lora' must be an object of adapter name -> scale, got {obj['lora']!r}")
-                fields["lora"] = obj["lora"]
-            out.append((no, fields))
+            images = obj.pop("images", [])
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise FluxDistError("'images' must be a list of image file paths")
+            out.append((no, {**request_fields(obj, true_cfg=true_cfg), **({"images": images} if images else {})}))
         except json.JSONDecodeError as e:
             out.append((no, f"not valid JSON: {e}"))
         except FluxDistError as e:
             out.append((no, str(e)))
     return out
+
+
+def _read_line_images(item: dict[str, Any], cfg: RunConfig) -> list[Any] | str:
+    """The decoded reference images of one line, or the error message (a bad file skips only its line)."""
+    try:
+        return read_images(dataclasses.replace(cfg.request, images=item["images"]), cfg.limits).images
+    except FluxDistError as e:
+        return str(e)
 
 
 def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -> int:
@@ -102,6 +110,14 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
         if isinstance(item, str):
             fail(no, item)
             continue
+        paths = item.get("images", [])
+        if paths:  # rank 0 reads the line's images and sends them (or why not): the others never read
+            read = _read_line_images(item, cfg) if main else None
+            read = broadcast(("images", read), engine.dist.device)[1]
+            if isinstance(read, str):
+                fail(no, read)
+                continue
+            item = {**item, "images": read}
         try:
             req = dataclasses.replace(cfg.request, **item)
             engine.validate(req)  # the same verdict on every rank: all skip together, before any collective
@@ -119,8 +135,9 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             res.image.save(out / name)
             manifest["images"].append({
                 "line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                "seed": req.seed, "width": req.width, "height": req.height, "steps": req.steps,
-                "guidance": req.guidance, "lora": req.lora, "time_s": round(time.perf_counter() - t0, 4),
+                "seed": req.seed, "width": res.metrics["request"]["width"], "height": res.metrics["request"]["height"],
+                "images": paths, "steps": req.steps, "guidance": req.guidance, "lora": req.lora,
+                "time_s": round(time.perf_counter() - t0, 4),
                 "denoise_s": res.metrics.get("denoise_s"),
                 "cache_skipped_steps": res.metrics.get("cache_skipped_steps", 0),
             })

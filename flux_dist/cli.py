@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,20 +16,20 @@ from .cli_args import FLAGS, config_from_args  # noqa: F401 - FLAGS: the flag ta
 from .cli_args import build_parser as _build_parser
 from .config import RunConfig, to_dict
 from .errors import FluxDistError
+from .images import checked_request
 from .preflight import on_rank0_then_all, port_in_use, record_failure
-from .validation import check_outputs, check_request, check_run
+from .validation import check_outputs, check_run, sized
 
 log = logging.getLogger("flux_dist")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    check_run(cfg)
+    req = cfg.request if args.prompts_file else checked_request(cfg.request, cfg.limits)  # before heavy imports
     from . import distributed
     from .engine import Engine
 
-    cfg = config_from_args(args)
-    check_run(cfg)
-    if not args.prompts_file:
-        check_request(cfg.request, cfg.limits)  # before the (slow) model load
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     on_rank0_then_all(info, lambda: check_outputs(None, output_dir=args.output_dir) if args.prompts_file
                       else check_outputs(cfg.output))  # before the (slow) model load, every rank told
@@ -41,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if code == 0:
             engine.close()
         return code
-    result = engine.generate(cfg.request)
+    result = engine.generate(req)
     if engine.dist.is_main:
         _write_outputs(cfg, result.image.save, result.metrics)
     engine.close()
@@ -58,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.request.lora = {}  # serve --lora preloads adapters; each request selects its own ("lora": {NAME: scale})
     check_run(cfg)
+    cfg.request = sized(dataclasses.replace(cfg.request, images=[]))  # HTTP defaults: text-to-image, sized
     max_work = DEFAULT_MAX_WORK if args.max_work is None else (args.max_work or None)  # 0: no limit
     opts = dict(api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"), max_queue=args.max_queue,
                 max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,
@@ -100,9 +102,9 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_logging(0)
     check_run(cfg)
-    check_request(cfg.request, cfg.limits)  # before reserving any actor
+    run = dataclasses.replace(cfg, request=checked_request(cfg.request, cfg.limits))  # before reserving any actor
     check_outputs(cfg.output)
-    res = ray_generate(cfg, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
+    res = ray_generate(run, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
     _write_outputs(cfg, lambda path: Path(path).write_bytes(res.png), res.metrics)
     return 0
 
@@ -142,8 +144,6 @@ def cmd_save_preset(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     """Run every prompt at full compute, record (signal change, output change) per step, fit TeaCache's polynomial."""
-    import dataclasses
-
     from . import distributed
     from .cache import calibrate
     from .engine import Engine
@@ -154,7 +154,7 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
-    check_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
+    cfg.request = checked_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     on_rank0_then_all(info, lambda: check_outputs(extra=args.calib_output))
     engine = Engine(cfg, info)

@@ -32,7 +32,10 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--guidance": ("request.guidance", float),
     "--seed": ("request.seed", int),
     "--max-sequence-length": ("request.max_sequence_length", int),
+    "--image": ("request.images", list),  # repeatable: reference images (editing), in order
     "--max-pixels": ("limits.max_pixels", int),
+    "--max-references": ("limits.max_references", int),
+    "--max-reference-pixels": ("limits.max_reference_pixels", int),
     "--ulysses": ("parallel.ulysses", int),
     "--ring": ("parallel.ring", int),
     "--cfg-parallel": ("parallel.cfg_parallel", int),
@@ -50,7 +53,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see configs/); flags override it")
     for flag, (key, typ) in FLAGS.items():
         dest = key.replace(".", "__")
-        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        kind = {"action": argparse.BooleanOptionalAction} if typ is bool else \
+            {"action": "append", "metavar": "PATH"} if typ is list else {"type": typ}
         p.add_argument(flag, **kind, default=None, dest=dest, help=f"overrides {key}")
     p.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]", help="load a LoRA at start (repeatable; "
                    "NAME: the file's stem) and apply it at SCALE (1.0); batch lines pick with 'lora': {NAME: scale}")

@@ -71,19 +71,24 @@ class RequestConfig:
 
     prompt: str | None = None
     negative_prompt: str = ""
-    height: int = 64
-    width: int = 64
+    height: int | None = None  # None: the first reference image's (processed) size, else 64
+    width: int | None = None
     steps: int = 4
     guidance: float = 4.0
     seed: int = 0  # 0..MAX_SEED
     max_sequence_length: int = 512
     lora: dict[str, float] = field(default_factory=dict)  # adapters of model.lora this request applies: name -> scale
+    # Reference images (editing / multi-reference), in order: paths in a config, CLI or batch file; the front end
+    # replaces them by decoded images (images.read_images: PIL, or uint8 HxWxC arrays) before the engine runs.
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LimitsConfig:
     max_pixels: int = 2048 * 2048
     max_steps: int = 1000
+    max_references: int = 4  # reference images per request
+    max_reference_pixels: int = 4096 * 4096  # of an input image as read (before the 1024x1024-area resize)
 
 
 @dataclass
@@ -130,7 +135,8 @@ _KIND_NAMES = {Dtype: "dtype", DeviceKind: "device", QuantMode: "quantization", 
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.seed": (0, MAX_SEED), "request.seed": (0, MAX_SEED),
     "parallel.ulysses": (1, None), "parallel.ring": (1, None), "parallel.cfg_parallel": (1, None),
-    "limits.max_pixels": (1, None), "limits.max_steps": (1, None),
+    "limits.max_pixels": (1, None), "limits.max_steps": (1, None), "limits.max_references": (0, None),
+    "limits.max_reference_pixels": (1, None),
     "dist.startup_timeout_s": (0.0, None), "dist.timeout_s": (0.0, None),
 }
 

@@ -32,7 +32,15 @@ from .parallel.attention import AttnContext
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, ParallelDims
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import check_cfg_parallel, check_device, check_lora, check_negative_prompt, check_request, check_run
+from .validation import (
+    check_cfg_parallel,
+    check_device,
+    check_lora,
+    check_negative_prompt,
+    check_request,
+    check_run,
+    sized,
+)
 
 log = logging.getLogger("flux_dist")
 
@@ -43,7 +51,7 @@ ONEDNN_CACHE_CAPACITY = 256  # oneDNN primitives on CPU (per-shape conv kernels 
 
 @dataclass
 class Result:
-    latents: torch.Tensor  # final packed latents [1, img_len, C], on every rank
+    latents: torch.Tensor  # final packed latents [1, img_len, C] (the target's, no references), on every rank
     image: Any | None  # PIL image on rank 0, None elsewhere
     metrics: dict = field(default_factory=dict)
 
@@ -94,7 +102,7 @@ class Engine:
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: OrderedDict[tuple[int, int], ShardPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, int, int], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears, %s activations), attention=%s, compile=%s, layout %s",
                  self.model.name, self.quant, n_quant, self.activations, kernel.label, m.compile, self.mesh.describe())
@@ -127,14 +135,18 @@ class Engine:
             enc = my_branches(model.encode(texts, req.max_sequence_length, req.seed, self.dtype), mesh)
         t["text"] = self._sync()
 
-        # 2. noise and schedule; 3. this rank's shards.
+        # 2. noise, references (encoded once), schedule; 3. this rank's shards of [text], [target, references].
+        req = sized(req, model.image_multiple)  # a size it leaves unset: the first reference's (as diffusers)
         latents, img_ids = model.noise(req.height, req.width, req.seed, enc[0][0].dtype)
+        with phase_memory(mem, "references", dev):  # every rank encodes the same images (no collective)
+            refs, ref_ids, ref_sizes = model.references(req.images, enc[0][0].dtype)
+        t["refs"] = self._sync()
         timesteps, sigmas = model.schedule(req.steps, latents.shape[1])
-        plan = self.plan(enc[0][0].shape[1], latents.shape[1])
+        plan = self.plan(enc[0][0].shape[1], latents.shape[1], refs.shape[1])
         self.ctx.set_plan(plan, self.dist.device)
         s = mesh.sp_rank
-        x = plan.shard(latents, "img", s)
-        img_loc = plan.shard(img_ids, "img", s)
+        x = plan.shard(torch.cat([latents, refs], 1), "img", s)
+        img_loc = plan.shard(torch.cat([img_ids, ref_ids], 1), "img", s)
         branches = [model.prepare(plan.shard(e, "txt", s), plan.shard(i, "txt", s), img_loc, req.guidance)
                     for e, i in enc]
 
@@ -142,7 +154,8 @@ class Engine:
         cache = make_cache(self.cfg.cache, mesh, plan, req.steps, self.coefficients,
                            model.cache_hooks(self.stack, self.fns))
         with phase_memory(mem, "denoise", dev):
-            x, step_ms = self._denoise(x, timesteps, sigmas, branches, cache, req, do_cfg, control)
+            x, step_ms = self._denoise(x, timesteps, sigmas, branches, cache, req, do_cfg, control,
+                                       plan.target_mask(s, dev))
         t["denoise"] = time.perf_counter()
 
         # 5. gather; 6. decode (rank 0 decodes; the others only hold the latents).
@@ -150,9 +163,9 @@ class Engine:
             full = gather_image(x, plan, mesh.sp_group).contiguous()
             image = self.decode(full, img_ids) if decode and self.dist.is_main else None
         t["end"] = self._sync()
-        return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg, mem))
+        return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg, mem, ref_sizes))
 
-    def _denoise(self, x, timesteps, sigmas, branches, cache, req, do_cfg, control) -> tuple[torch.Tensor, list]:
+    def _denoise(self, x, timesteps, sigmas, branches, cache, req, do_cfg, control, target) -> tuple:
         mesh, model, fns = self.mesh, self.model, self.fns
         stacks = [cache.stack(b) if cache else self.stack for b in range(len(branches))]
         # Per-step scalars as tensors of their own, made before the loop: no value is baked into a compiled
@@ -172,12 +185,13 @@ class Engine:
                 v = cfg_parallel_combine(v, mesh, req.guidance)
             elif do_cfg:
                 v = guided(v, model.forward(x, ts[i], branches[1], stacks[1], fns), req.guidance)
-            x = fns.update(x, v, sig[i], sig[i + 1])
+            x = fns.update(x, v, sig[i], sig[i + 1]) if target is None else \
+                torch.where(target, fns.update(x, v, sig[i], sig[i + 1]), x)  # reference tokens stay as encoded
             self._sync()
             step_ms.append((time.perf_counter() - t0) * 1e3)
         return x, step_ms
 
-    def _metrics(self, req, plan, t, step_ms, cache, do_cfg, mem) -> dict:
+    def _metrics(self, req, plan, t, step_ms, cache, do_cfg, mem, ref_sizes) -> dict:
         m = self.cfg.model
         cache_summary = cache.summary() if cache else None
         out = {
@@ -188,12 +202,13 @@ class Engine:
             "fp8_fast_accum": m.fp8_fast_accum,
             "request": {"height": req.height, "width": req.width, "steps": req.steps, "guidance": req.guidance,
                         "seed": req.seed, "max_sequence_length": req.max_sequence_length, "true_cfg": do_cfg,
-                        "lora": dict(req.lora or {})},
-            "tokens": {"text": plan.txt_len, "image": plan.img_len, "per_rank": plan.local_len,
-                       "padded": plan.padded},
+                        "lora": dict(req.lora or {}), "references": [list(wh) for wh in ref_sizes]},
+            "tokens": {"text": plan.txt_len, "image": plan.img_len, "reference": plan.ref_len,
+                       "per_rank": plan.local_len, "padded": plan.padded},
             "load_s": round(self.load_s, 3),
             "text_encode_s": round(t["text"] - t["start"], 4),
-            "denoise_s": round(t["denoise"] - t["text"], 4),
+            "reference_encode_s": round(t["refs"] - t["text"], 4),
+            "denoise_s": round(t["denoise"] - t["refs"], 4),
             "decode_s": round(t["end"] - t["denoise"], 4),
             "total_s": round(t["end"] - t["start"], 4),
             "step_ms": [round(v, 3) for v in step_ms],
@@ -206,13 +221,13 @@ class Engine:
         out["cache_skipped_steps"] = len(cache_summary["skipped_steps"]) if cache_summary else 0
         return out
 
-    def plan(self, txt_len: int, img_len: int) -> ShardPlan:
+    def plan(self, txt_len: int, img_len: int, ref_len: int = 0) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
-        key = (txt_len, img_len)
+        key = (txt_len, img_len, ref_len)
         if key in self._plans:
             self._plans.move_to_end(key)
         else:
-            self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses)
+            self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses, ref_len)
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         return self._plans[key]

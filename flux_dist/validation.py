@@ -7,6 +7,7 @@ Checks that need the device (FP8 on this GPU, a kernel that runs here) or the lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -65,17 +66,82 @@ def check_cache(cfg: RunConfig) -> None:
             raise FluxDistError(f"cache {name} must be an integer >= 0, got {v!r}")
 
 
+# A request's height / width when it gives none and has no reference image.
+DEFAULT_SIZE = 64
+# Diffusers' Flux2ImageProcessor: a reference's smallest side and largest aspect ratio, and the area it is
+# resized down to when larger.
+MIN_REFERENCE_SIDE, MAX_REFERENCE_ASPECT, REFERENCE_AREA = 64, 8, 1024 * 1024
+
+
+def image_size(img: Any) -> tuple[int, int]:
+    """``(width, height)`` of a decoded image: a PIL image, or a uint8 array / tensor laid out ``H x W x C``."""
+    size = getattr(img, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:  # PIL (an array's .size is an int, a tensor's a method)
+        return int(size[0]), int(size[1])
+    shape = getattr(img, "shape", None)
+    if shape is not None and len(shape) == 3 and shape[2] in (1, 3, 4) and str(img.dtype) in ("uint8", "torch.uint8"):
+        return int(shape[1]), int(shape[0])
+    raise FluxDistError(f"a reference image must be a PIL image or a uint8 HxWxC array, got {type(img).__name__}"
+                        + (f" of shape {tuple(shape)}" if shape is not None else ""))
+
+
+def reference_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The size diffusers' FLUX.2 pipelines turn a reference into: at most 1024x1024 in area (LANCZOS resize,
+    aspect kept), then centre-cropped to multiples of ``multiple`` (the VAE factor x 2)."""
+    if width * height > REFERENCE_AREA:
+        scale = math.sqrt(REFERENCE_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def check_references(images: Any, lim: LimitsConfig) -> None:
+    """Count, kind and size of a request's reference images (decoded: the engine never reads a path)."""
+    if not isinstance(images, list | tuple):
+        raise FluxDistError(f"request.images must be a list, got {type(images).__name__}")
+    if len(images) > lim.max_references:
+        raise FluxDistError(f"{len(images)} reference images: more than the limit of {lim.max_references} "
+                            "(--max-references)")
+    for i, img in enumerate(images, start=1):
+        if isinstance(img, str | bytes) or hasattr(img, "__fspath__"):
+            raise FluxDistError(f"reference image {i} is a path ({img!r}): the front end reads image files "
+                                "(images.read_images); the engine takes decoded images")
+        w, h = image_size(img)
+        if min(w, h) < MIN_REFERENCE_SIDE:
+            raise FluxDistError(f"reference image {i} is {w}x{h}: both sides must be at least {MIN_REFERENCE_SIDE} px")
+        if max(w / h, h / w) > MAX_REFERENCE_ASPECT:
+            raise FluxDistError(f"reference image {i} is {w}x{h}: aspect ratio over {MAX_REFERENCE_ASPECT}:1")
+        if w * h > lim.max_reference_pixels:
+            raise FluxDistError(f"reference image {i} is {w}x{h} = {w * h} pixels: over the limit of "
+                                f"{lim.max_reference_pixels} (--max-reference-pixels)")
+
+
+def output_size(req: RequestConfig, multiple: int = 16) -> tuple[int, int]:
+    """``(height, width)``: the request's, each one it leaves unset taken from the first reference image's
+    processed size (as diffusers does), else ``DEFAULT_SIZE``."""
+    first = (DEFAULT_SIZE, DEFAULT_SIZE)
+    if req.images:
+        first = reference_size(*image_size(req.images[0]), multiple)
+    return req.height or first[1], req.width or first[0]
+
+
+def sized(req: RequestConfig, multiple: int = 16) -> RequestConfig:
+    """``req`` with its output size resolved (``output_size``), as it runs."""
+    height, width = output_size(req, multiple)
+    return dataclasses.replace(req, height=height, width=width)
+
+
 def check_request(req: RequestConfig, lim: LimitsConfig, multiple: int = 16) -> None:
     """Same checks, same request, every rank: all ranks fail together, before any collective."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise FluxDistError("a prompt is required (--prompt or request.prompt)")
     for name in ("height", "width"):
         v = getattr(req, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % multiple:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % multiple):
             raise FluxDistError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
-    if req.height * req.width > lim.max_pixels:
-        raise FluxDistError(
-            f"{req.width}x{req.height} = {req.width * req.height} pixels exceeds the limit of {lim.max_pixels}")
+    check_references(req.images, lim)
+    height, width = output_size(req, multiple)
+    if height * width > lim.max_pixels:
+        raise FluxDistError(f"{width}x{height} = {width * height} pixels exceeds the limit of {lim.max_pixels}")
     if not isinstance(req.steps, int) or not 1 <= req.steps <= lim.max_steps:
         raise FluxDistError(f"steps must be an integer in 1..{lim.max_steps}, got {req.steps!r}")
     if not isinstance(req.guidance, int | float) or not math.isfinite(req.guidance) or req.guidance < 0:

@@ -26,7 +26,7 @@ LOADED = "INFO model "  # rank 0 logs this once the model is loaded
 # -- item 8: types and ranges checked when the config is built -----------------------------------
 @pytest.mark.parametrize("overrides,match", [
     ({"request.steps": True}, "config key 'request.steps' must be an integer, got True"),
-    ({"request.height": "64"}, "config key 'request.height' must be an integer, got '64'"),
+    ({"request.height": "64"}, "config key 'request.height' must be an integer or null, got '64'"),
     ({"dist.timeout_s": "soon"}, "config key 'dist.timeout_s' must be a finite number, got 'soon'"),
     ({"dist.timeout_s": -5}, "config key 'dist.timeout_s' must be > 0"),
     ({"model.device": "tpu"}, "unknown device 'tpu' for config key 'model.device'"),
@@ -150,7 +150,7 @@ def test_cli_refuses_before_loading(tmp_path):
         (["generate", "--config", _yaml(tmp_path, "s.yaml", "request:\n  steps: true\n"), "--output", png],
          "'request.steps' must be an integer, got True"),
         (["generate", "--config", _yaml(tmp_path, "h.yaml", "request:\n  height: '64'\n"), "--output", png],
-         "'request.height' must be an integer, got '64'"),
+         "'request.height' must be an integer or null, got '64'"),
         (["generate", "--config", _yaml(tmp_path, "t.yaml", "dist:\n  timeout_s: soon\n"), "--output", png],
          "'dist.timeout_s' must be a finite number"),
         (["generate", "--config", _yaml(tmp_path, "o.yaml", "output:\n  output: 5\n")], "'output.output' must be"),

@@ -2,5 +2,5 @@
 # one 1024x1024 reference, full stack vs diffusers eager, 50 steps) and issue 14 (LoRA cost on the full stack).
 source bench/device/setup.sh
 mkdir -p $OUT
-timeout 270 python3 bench/edit_bench.py $OUT/issue13-edit.json 50
-timeout 290 python3 bench/lora_bench.py $OUT/issue14-lora.json
+timeout 230 python3 bench/edit_bench.py $OUT/issue13-edit.json 50
+timeout 260 python3 bench/lora_bench.py $OUT/issue14-lora.json

@@ -72,10 +72,11 @@ class StepCache:
         self.cfg, self.plan, self.steps, self.hooks = cfg, plan, steps, hooks
         self.poly = np.poly1d(coefficients) if coefficients else None
         self.shared = shared or SharedDecision(mesh)
-        valid = plan.valid(mesh.sp_rank)[plan.txt_loc:]  # real image tokens of this shard
-        self.n_valid = int(valid.sum())
-        if not bool(valid[:self.n_valid].all()):  # the sums slice a prefix (ShardPlan pads at the end)
-            raise AssertionError("the shard plan put padding before real image tokens; the cache sums need a prefix")
+        # The signal's sums cover this shard's target (noisy) image tokens only, a prefix of its image shard
+        # (ShardPlan: [target, references, padding]). Reference tokens (editing) are the same input at every
+        # step: their signal changes only with the timestep's modulation, not with the image being denoised,
+        # so they would dilute the relative change the threshold and the fitted polynomial are about.
+        self.n_valid = plan.n_target(mesh.sp_rank)
         self.prev: torch.Tensor | None = None
         self.residual: dict[int, torch.Tensor] = {}
         self.acc = 0.0
@@ -89,7 +90,7 @@ class StepCache:
         self.step, self.skip = i, None
 
     def _sums(self, cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """``[sum |cur - prev|, sum |prev|]`` over this shard's real image tokens (float64)."""
+        """``[sum |cur - prev|, sum |prev|]`` over this shard's target image tokens (float64)."""
         return self.hooks.change(cur, prev, self.n_valid)
 
     def _decide(self, cur: torch.Tensor) -> bool:

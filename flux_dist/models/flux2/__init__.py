@@ -2,7 +2,8 @@
 
 ``attention``: the blocks' sequence-parallel processors and fusions; ``step``: one transformer pass
 in pieces (block stack, regions outside it); ``pipeline``: the request's ends (prompt, noise,
-schedule, decode); ``quant_plan``: which linears run in low precision. ``Flux2Adapter`` gathers them
+schedule, decode); ``references``: reference images (editing) checked, resized, VAE-encoded, packed and
+given their ids as the pipelines do; ``quant_plan``: which linears run in low precision. ``Flux2Adapter`` gathers them
 behind the interface the engine calls (``models.ModelAdapter``).
 """
 
@@ -16,7 +17,7 @@ from ...cache import CacheHooks
 from ...parallel.attention import AttnContext
 from ...stack import BlockStack
 from ..components import Components
-from . import lora, pipeline, step
+from . import lora, pipeline, references, step
 from .attention import fuse_qkv, parallelize, split_for_overlap, split_out
 from .quant_plan import QUANTIZED, load_quantized, quantize_block, quantize_transformer
 from .step import EAGER, StepFns, StepInputs, forward, image_stack, modulations, prepare
@@ -86,6 +87,11 @@ class Flux2Adapter:
 
     def noise(self, height: int, width: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline.noise(self.c, height, width, seed, self.device, dtype)
+
+    def references(self, images: list[Any],
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Reference tokens ``[1, R, C]``, their ids ``[1, R, 4]`` and processed sizes (``R = 0`` without images)."""
+        return references.encode(self.c, images, self.device, dtype)
 
     def schedule(self, steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline.schedule(self.c.scheduler, steps, image_seq_len, self.device)
