@@ -58,7 +58,8 @@ def serve(
     if main:
         lora = getattr(engine, "lora", None)
         adapters = [{k: v for k, v in a.items() if k != "path"} for a in lora.describe()] if lora else []
-        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name, adapters)
+        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name, adapters,
+                                     cfg.limits)
         try:
             front = FrontEnd(opts, validator)
         except OSError as e:

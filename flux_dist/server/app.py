@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -30,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from ..config import RequestConfig
+from ..config import LimitsConfig, RequestConfig
 from ..lockstep import CANCELLED, DEADLINE, SHUTDOWN, FatalError, JobOutcome
 from .door import FrontDoor
+from .edits import EDITS, decode_references, read_edit
 from .jobs import Job, JobQueue, NotReady, QueueFull
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import BadRequest, build_requests, check_body
@@ -70,15 +72,22 @@ class RequestValidator:
     true_cfg: bool
     model_name: str
     adapters: list[dict] = field(default_factory=list)  # the LoRA adapters loaded at start (GET /v1/models)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # reference images' count and pixels (edits)
 
-    def requests(self, body: Any, *, max_images: int, max_work: int | None) -> list[RequestConfig]:
+    def requests(self, body: Any, *, max_images: int, max_work: int | None,
+                 images: list | None = None) -> list[RequestConfig]:
+        """``images``: an edits request's decoded references (its output size defaults to the first one's)."""
         n, fields, _ = check_body(body, true_cfg=self.true_cfg, max_images=max_images)  # our messages first
         try:
             ImageGenerationRequest.model_validate(body)  # the declared schema (what OpenAPI shows)
         except ValidationError as e:
             err = e.errors()[0]
             raise BadRequest(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
-        return build_requests(n, fields, self.defaults, validate=self.validate, max_work=max_work)
+        defaults = self.defaults
+        if images is not None:
+            fields["images"] = images
+            defaults = dataclasses.replace(defaults, height=None, width=None)  # as diffusers: the first reference's
+        return build_requests(n, fields, defaults, validate=self.validate, max_work=max_work)
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -162,12 +171,21 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
 
     @app.post(GENERATIONS, response_model=ImagesResponse, responses=errors, openapi_extra=body_schema)
     async def generations(request: Request) -> JSONResponse:
+        return await _handle(request, edit=False)
+
+    @app.post(EDITS, response_model=ImagesResponse, responses=errors)
+    async def edits(request: Request) -> JSONResponse:
+        """OpenAI's edits: multipart ``image`` / ``image[]`` files, or JSON with base64 ``image``(s)."""
+        return await _handle(request, edit=True)
+
+    async def _handle(request: Request, edit: bool) -> JSONResponse:
         arrived, t0 = time.perf_counter(), time.monotonic()
         metrics.generation()
         ctype = request.headers.get("content-type")
-        if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
-            raise APIError(415, f"Content-Type must be application/json (or absent), got {ctype!r}",
-                           headers={"Connection": "close"})
+        kind = ctype.split(";")[0].strip().lower() if ctype else "application/json"
+        if kind not in ("application/json", *(("multipart/form-data",) if edit else ())):
+            allowed = "application/json or multipart/form-data" if edit else "application/json (or absent)"
+            raise APIError(415, f"Content-Type must be {allowed}, got {ctype!r}", headers={"Connection": "close"})
         try:
             raw = await request.body()  # FrontDoor: size limit (413) and read deadline (408)
         except ClientDisconnect:
@@ -176,11 +194,16 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
         if not ok:
             raise APIError(503, f"not ready: {reason or state}")
         try:
-            try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadRequest(f"body is not valid JSON: {e}") from None
-            reqs = validator.requests(body, max_images=opts.max_images, max_work=opts.max_work)
+            images = None
+            if edit:
+                body, encoded = await read_edit(request, raw, kind)
+                images = await run_in_threadpool(decode_references, encoded, validator.limits)
+            else:
+                try:
+                    body = json.loads(raw)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise BadRequest(f"body is not valid JSON: {e}") from None
+            reqs = validator.requests(body, max_images=opts.max_images, max_work=opts.max_work, images=images)
             job = jobs.submit(reqs, deadline=t0 + opts.request_timeout_s)
         except BadRequest as e:
             raise APIError(400, str(e), param=e.param) from None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .edits import EDITS
 from .metrics import Metrics
 from .schema import APIError, ServeOptions, error_body
 
@@ -58,7 +59,7 @@ class FrontDoor:
                 await _send_error(counted, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                   {"WWW-Authenticate": "Bearer", **close})
                 return
-        limit = self.opts.max_body_bytes
+        limit = self.opts.max_upload_bytes if scope.get("path") == EDITS else self.opts.max_body_bytes
         if length is not None:
             try:
                 n = int(length)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import MAX_SEED, RequestConfig
 from ..errors import FluxDistError
+from ..validation import sized
 
 MAX_BODY_BYTES = 1 << 20  # a prompt is text: a megabyte is already absurd
 # ASCII digits only, no spaces: "９６x９６" and " 64 x 64 " are refused (one spelling, as OpenAI's enum).
@@ -188,6 +189,7 @@ def build_requests(
         validate(base)
     except FluxDistError as e:
         raise BadRequest(str(e)) from None
+    base = sized(base)  # a size left unset (an edit): its first reference's, as it will run
     reqs = [dataclasses.replace(base, seed=base.seed + i) for i in range(n)]
     if max_work is not None and work(reqs) > max_work:
         raise BadRequest(f"{base.width}x{base.height} x {base.steps} steps x {n} image(s) = {work(reqs)} pixel-steps "

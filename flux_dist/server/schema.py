@@ -29,6 +29,7 @@ class ServeOptions:
     read_timeout_s: float = 10.0  # request head (and idle keep-alive), and the body, each within this
     max_connections: int = 64  # open connections over this: 503; over twice this: closed at accept
     max_body_bytes: int = MAX_BODY_BYTES
+    max_upload_bytes: int = 32 << 20  # an edits body (reference images): 32 MiB
 
     def check(self) -> None:
         """Refuse nonsense before anything is loaded (raises ``FluxDistError``)."""
