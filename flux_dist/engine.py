@@ -85,9 +85,7 @@ class Engine:
         self.true_cfg = self.model.true_cfg
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
         self.coefficients = resolve_coefficients(cfg.cache, self.model.teacache_coefficients, self.model.name)
-        n_quant = self.model.quantize(self.quant) or quant.count_quantized(self.model.tr)  # what the load did not
-        if self.quant == "none" and n_quant:  # a quantized checkpoint runs (and is reported) in its own format
-            self.quant = quant.loaded_mode(self.model.tr)
+        n_quant = self.model.quantize(self.quant)  # what the load did not (already quantized layers are counted)
         self.activations = quant.activation_scaling(self.model.tr)  # static (calibrated input_scale) / dynamic
         if m.quant not in ("none", "auto") and n_quant == 0:
             log.warning("*** --quant %s asked for, but NO linear is quantized: running %s ***", m.quant, m.dtype)
