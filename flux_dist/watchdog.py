@@ -83,6 +83,8 @@ class Watchdog:
                          threading.Thread(target=self._judge, name="flux-dist-watchdog", daemon=True)]
 
     def start(self) -> Watchdog:
+        # Published before watching, so a peer can kill this process however soon it stops answering.
+        _bounded(lambda: self.store.set(f"identity/{self.rank}", _proc_identity(os.getpid()) or ""), 5.0)
         for t in self._threads:
             t.start()
         return self
@@ -114,7 +116,6 @@ class Watchdog:
         while not self._stop.is_set():
             try:
                 if not ready:  # multi_get waits for a missing key: create every key it reads first
-                    self.store.set(f"identity/{self.rank}", _proc_identity(os.getpid()) or "")
                     for k in keys:
                         self.store.add(k, 0)
                     ready = True
@@ -180,24 +181,26 @@ class Watchdog:
         if publish:  # first to notice: tell every other rank, which then ends naming the same rank
             text = f"{culprit if culprit is not None else '-'} {why}, reported by rank {self.rank}"
             _bounded(lambda: (self.store.compare_set("alarm", "", text), self.store.add("alarmed", 1)), 2.0)
-        if self._kill_if_here(culprit):
-            line += f" (killed its process {self._identity[culprit].split()[1]} on this machine)"  # type: ignore[index]
+        line += self._kill_if_here(culprit)
         self.on_alarm(line)
 
-    def _kill_if_here(self, culprit: int | None) -> bool:
+    def _kill_if_here(self, culprit: int | None) -> str:
         """SIGKILL the silent peer when it is a process of this machine (checked by boot id, pid and start
-        time): a stopped process keeps a launcher waiting for its own grace period before the SIGKILL."""
-        ident = self._identity.get(culprit) if culprit is not None else None
+        time): a stopped process keeps a launcher waiting for its own grace period before the SIGKILL.
+        Returns what was done, for the alarm line."""
+        if culprit is None:
+            return ""
+        ident = self._identity.get(culprit)
         if not ident:
-            return False
+            return " (its process was not known here: not killed)"
         try:
             pid = int(ident.split()[1])
-            if pid != os.getpid() and _proc_identity(pid) == ident:
-                os.kill(pid, signal.SIGKILL)
-                return True
-        except (ValueError, IndexError, OSError):
-            pass
-        return False
+            if pid == os.getpid() or _proc_identity(pid) != ident:
+                return ""  # another machine's process (or this one): its own launcher ends it
+            os.kill(pid, signal.SIGKILL)
+            return f" (killed its process {pid} on this machine)"
+        except (ValueError, IndexError, OSError) as e:
+            return f" (could not kill its process: {e})"
 
 
 _watchdog: Watchdog | None = None

@@ -200,6 +200,8 @@ def _stopped_server_ends(tmp_path: Path, launcher: str, stopped: int) -> None:
         assert took < FAST_FAIL_S, took
         other = 1 - stopped
         assert f"[rank{other}] flux-dist: error: rank {stopped} stopped answering" in s.log(), s.log()
+        if launcher == "env":  # no launcher to end the stopped rank: the watchdog kills it
+            assert "killed its process" in s.log(), s.log()
     finally:
         s.stop()
 
