@@ -180,6 +180,32 @@ def test_ray_dead_actor_stops_everything(tmp_path, ray_cluster, capfd):
     assert ray.available_resources().get("CPU", 0) == 2
 
 
+def test_ray_stopped_store_host_rank_ends_within_60s(tmp_path, ray_cluster, capfd):
+    """Rank 0 (the rendezvous store's host) SIGSTOPs itself mid-denoise: rank 1's watchdog names it, kills
+    its process (same machine) and exits; the driver raises and no actor is left (issue 12, Ray)."""
+    import dataclasses
+
+    from flux_dist.launch_ray import RankFailedError, ray_generate
+
+    cfg = _ray_cfg(tmp_path)
+    cfg.dist = dataclasses.replace(cfg.dist, watchdog_s=8.0)
+    t0 = time.time()
+    with pytest.raises(RankFailedError) as ei:
+        ray_generate(cfg, env={"FLUX_DIST_FAULT": "rank=0,step=1,kind=stop"}, timeout_s=240)
+    end = time.time()
+    assert not _all_gone(ei.value.pids), "an actor is still running"
+    text = ""
+    for _ in range(50):
+        text += capfd.readouterr().err
+        if "stopped answering" in text and "FLUX_DIST_FAULT" in text:
+            break
+        time.sleep(0.1)
+    assert "[rank1] flux-dist: error: rank 0 stopped answering" in text, text[-3000:]
+    assert "killed its process" in text, text[-3000:]
+    fired = fault_time(text)
+    assert t0 < fired and end - fired < FAST_FAIL_S, f"driver took {end - fired:.1f} s to raise after the fault"
+
+
 def test_ray_bad_layout_is_a_clear_error(tmp_path, ray_cluster):
     """More ranks than the cluster holds: a clear error before any actor starts, nothing left reserved."""
     import dataclasses
