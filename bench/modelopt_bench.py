@@ -60,9 +60,12 @@ def _model(double: int, single: int):
 
 def _capture(tr, kw) -> dict:
     got, hooks = {}, []
+
+    def keep(n: str, i: tuple, o: torch.Tensor) -> None:  # returns None: a hook's return value replaces the output
+        got.setdefault(n, (i[0].detach().clone(), o.detach().clone()))
+
     for n in PROBES:
-        hooks.append(tr.get_submodule(n).register_forward_hook(
-            lambda m, i, o, n=n: got.setdefault(n, (i[0].detach().clone(), o.detach().clone()))))
+        hooks.append(tr.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(n, i, o)))
     with torch.no_grad():
         out = tr(**kw, return_dict=False)[0]
     for h in hooks:
