@@ -50,6 +50,25 @@ def test_torchrun_two_nodes_simulated_same_png(tmp_path, torchrun_ref):
     _same_image(written[0], torchrun_ref)
 
 
+def test_launcher_sigterm_stops_the_ranks_in_one_line(tmp_path):
+    """SIGTERM to `launch/torchrun.py` (a scheduler stopping the job): torchrun forwards it to the ranks and
+    the launcher exits 128 + 15 with one line, not torchrun's exit 1 and SignalException traceback."""
+    import signal
+
+    cmd = [sys.executable, "launch/torchrun.py", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "flux_dist", "generate", *TINY, "--output", str(tmp_path / "x.png"), "--metrics", ""]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(FLUX_DIST_FAULT="rank=1,step=1,kind=sleep,seconds=60"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.time() + 180
+    while "FLUX_DIST_FAULT" not in seen and time.time() < deadline:  # the ranks are mid-denoise
+        seen += p.stderr.readline()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-3000:])
+    assert "flux-dist: launcher stopped by signal SIGTERM; ranks stopped" in err, err[-3000:]
+    assert "Traceback" not in seen + err, (seen + err)[-3000:]
+
+
 def test_torchrun_rank_raises_mid_denoise_ends_job(tmp_path):
     t0 = time.time()
     r = torchrun(2, "generate", *TINY, "--output", str(tmp_path / "x.png"), "--metrics", "",
