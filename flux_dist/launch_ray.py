@@ -7,6 +7,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Each actor then builds the pr
 (NCCL on GPUs, gloo on CPU). The driver watches the ranks' long-running calls with ``ray.wait``:
 the first rank that raises or dies gets every actor killed and an error naming that rank, so a
 survivor never sits in a collective until the process-group timeout.
+
+The pieces (``plan``, ``start_actors``, ``rendezvous``, ``watch``, ``stop_ranks``) also start and watch
+the ranks of each Ray Serve replica (``serve_ray``).
 """
 
 from __future__ import annotations

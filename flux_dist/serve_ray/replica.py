@@ -40,6 +40,7 @@ log = logging.getLogger("flux_dist")
 
 REPLICA_HEADER = "x-flux-dist-replica"
 RANK_CONCURRENCY = 8  # serve + started + submit + cancel + stop + where, at once
+RENDEZVOUS_TIMEOUT_S = 300.0  # the rank actors' processes start (their bundles are already reserved)
 
 
 class _ReplicaHeader:
@@ -91,7 +92,7 @@ class FluxDist:
         bundle = {k: v for k, v in pg.bundle_specs[0].items() if k in ("CPU", "GPU")}
         try:
             self.actors = start_actors(ray, ServeRank, pg, bundle, world, max_concurrency=RANK_CONCURRENCY)
-            rv = await asyncio.to_thread(rendezvous, ray, self.actors, 300.0)
+            rv = await asyncio.to_thread(rendezvous, ray, self.actors, RENDEZVOUS_TIMEOUT_S)
             self.pids, self.master, self.nodes = rv.pids, rv.master, rv.nodes
             self.refs = {a.serve.remote(cfg, e, opts.max_queue): r
                          for r, (a, e) in enumerate(zip(self.actors, rv.envs, strict=True))}
@@ -140,14 +141,25 @@ class FluxDist:
             reason = str(e)
         except Exception as e:  # noqa: BLE001 - the watch itself failed: as bad as a rank failing
             reason = f"watching the ranks failed: {type(e).__name__}: {e}"
-        if self.closing.is_set():
+        self._down(reason)
+
+    def _pump(self) -> None:
+        try:
+            self._pump_jobs()
+        except Exception as e:  # noqa: BLE001 - a replica that cannot reach its ranks is down
+            self._down(f"handing jobs to rank 0 failed: {type(e).__name__}: {e}")
+
+    def _down(self, reason: str) -> None:
+        import ray
+
+        if self.closing.is_set() or self.failed:
             return
         self.failed = reason
         log.error("replica %s: %s; failing health checks so Ray Serve replaces it", self.tag, reason)
         self.jobs.mark_down(f"a rank failed: {reason.splitlines()[0]}")
         stop_ranks(ray, self.actors)  # no survivor waits in a collective
 
-    def _pump(self) -> None:
+    def _pump_jobs(self) -> None:
         import ray
 
         from ..lockstep import FatalError
@@ -174,8 +186,9 @@ class FluxDist:
                     raise FatalError(self.failed or "the replica is down")
                 job.future.set_result(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - answered 503 by the app; the watcher judges the replica
-                job.future.set_exception(e if isinstance(e, FatalError) else FatalError(
-                    f"rank 0 did not answer: {type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+                cause = getattr(e, "cause", e)  # a rank's own exception, without Ray's remote traceback
+                job.future.set_exception(cause if isinstance(cause, FatalError) else FatalError(
+                    f"rank 0 did not answer: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"))
 
     # -- what Serve and operators call ------------------------------------------------------------
     def check_health(self) -> None:
