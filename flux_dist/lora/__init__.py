@@ -8,6 +8,6 @@ to one rank (an adapter bank); a request picks adapters and scales by writing on
 per-slot scales (``LoraBank.select``), so compiled regions and CUDA graphs never change.
 """
 
-from .bank import LoraBank, LoraLinear, LoraWeights, Piece, attach
+from .bank import IMPLS, LoraBank, LoraLinear, LoraSwiGLU, LoraWeights, Piece, attach
 
-__all__ = ["LoraBank", "LoraLinear", "LoraWeights", "Piece", "attach"]
+__all__ = ["IMPLS", "LoraBank", "LoraLinear", "LoraSwiGLU", "LoraWeights", "Piece", "attach"]
