@@ -184,6 +184,9 @@ def main(out: str, variants: list[str]) -> None:
             log(f"{name} FAILED: {rows[f'{name}/error']}")
         rows[f"{name}/wall_s"] = time.perf_counter() - t0
         write_json(out, rows)
+        LoraLinear.impl = "inplace"
+        torch._dynamo.reset()  # a failed variant's engine goes too
+        gc.collect()
         if MODE != "smoke":
             torch.cuda.empty_cache()
 
