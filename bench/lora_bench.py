@@ -1,21 +1,28 @@
 """LoRA cost on the full stack: one FLUX.2 [dev] pass at 1024x1024 (random weights, ``text_encoder: none``),
 FP8 linears + regional compile + CUDA graphs, with no LoRA, one rank-64 adapter, and two, on every attention
-and MLP linear of the blocks (the fused / split ones included).
+and MLP linear of the blocks (the fused / split ones included); diffusers eager bf16 as the baseline; the bank
+as it is (``inplace``: the delta added in place and inside the SwiGLUs) and the first bank (``v1``) to compare.
 
-  python bench/lora_bench.py OUT.json [quick]      # quick: no CUDA graphs, 3 timed passes
-  python bench/lora_bench.py OUT.json smoke        # CPU: flux2-tiny, no FP8, aot_eager (checks the script runs)
+  python bench/lora_bench.py OUT.json [MODE] [VARIANTS]   # MODE full (default) | quick (no CUDA graphs, 3 timed
+                                                           # passes) | smoke (CPU: flux2-tiny, no FP8, aot_eager)
+  python bench/lora_bench.py --table A.json [B.json ...]   # the short table of what those files hold
 
-Three engines, one after another (the adapter bank is fixed when the engine is built): no bank; a bank of
-one adapter; a bank of two. The two-adapter engine is also timed selecting one adapter and none (a bank costs
-the same whatever a request selects), and its requests switch adapters under ``error_on_recompile``: the
-row ``recompiles`` must be 0. Medians of CUDA-event timings after warm-up (bench/common.py).
+VARIANTS (comma-separated, default ``baseline,none,one,two,one-v1,two-v1``): ``baseline`` diffusers eager bf16;
+``none`` no bank; ``one`` / ``two`` a bank of one / two adapters; ``-v1`` the first bank's code. Each engine is
+built one after another (the bank is fixed when the engine is built); ``two`` is also timed selecting one adapter
+and none (a bank costs the same whatever a request selects), and every engine's requests switch adapters under
+``error_on_recompile``: its row ``recompiles`` must be 0. Medians of CUDA-event timings after warm-up
+(bench/common.py). The JSON is written after every variant.
 """
 
 from __future__ import annotations
 
 import gc
+import glob
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +32,19 @@ import torch._dynamo
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-from bench.common import log, time_ms, write_json
-from flux_dist.config import RequestConfig, load_config
-from flux_dist.engine import Engine
-from flux_dist.models.flux2.lora import lora_targets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import log, pass_inputs, time_ms, write_json  # noqa: E402
+from flux_dist.config import RequestConfig, load_config  # noqa: E402
+from flux_dist.engine import Engine  # noqa: E402
+from flux_dist.lora import LoraLinear  # noqa: E402
 
-MODE = sys.argv[2] if len(sys.argv) > 2 else "full"
-SMOKE, QUICK = MODE == "smoke", MODE in ("quick", "smoke")
-RANK, H, W, TXT = (4, 64, 64, 16) if SMOKE else (64, 1024, 1024, 512)
+MODE = "full"
+RANK, H, W, TXT = 64, 1024, 1024, 512
 BLOCK_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                  "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out")
+VARIANTS = "baseline,none,one,two,one-v1,two-v1"
+REQUESTS = {"none": [{}], "one": [{"a": 1.0}], "two": [{"a": 1.0, "b": 0.5}, {"a": 0.8}, {}]}
 
 
 def make_adapter(shapes: dict[str, tuple[int, int]], path: str, seed: int, device) -> int:
@@ -52,12 +61,26 @@ def make_adapter(shapes: dict[str, tuple[int, int]], path: str, seed: int, devic
     return len(sd) // 2
 
 
+def diffusers_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """``{diffusers linear name: (in, out)}`` of the model's transformer, built on ``meta`` (no weights)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from flux_dist.models.full import FULL_TRANSFORMER_CONFIGS
+    from flux_dist.models.presets import build_preset
+
+    cfg = FULL_TRANSFORMER_CONFIGS.get(model) or dict(build_preset(model).transformer.config)
+    with torch.device("meta"):
+        tr = Flux2Transformer2DModel.from_config(cfg)
+    return {n: (m.in_features, m.out_features) for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def engine(lora: dict[str, str]) -> Engine:
     full = {"model.model": "flux2-dev", "model.dtype": "bfloat16", "model.device": "cuda", "model.quant": "fp8",
-            "model.cuda_graphs": not QUICK,
+            "model.cuda_graphs": MODE == "full",
             "model.compile_cache_dir": os.path.expanduser("~/.cache/flux-dist-inductor")}
     smoke = {"model.model": "flux2-tiny", "model.device": "cpu", "model.compile_backend": "aot_eager"}
-    cfg = load_config(None, {**(smoke if SMOKE else full), "model.compile": True, "model.text_encoder": "none"})
+    cfg = load_config(None, {**(smoke if MODE == "smoke" else full), "model.compile": True,
+                             "model.text_encoder": "none"})
     cfg.model.lora = dict(lora)
     return Engine(cfg)
 
@@ -77,7 +100,7 @@ def pass_fn(eng: Engine, chosen: dict[str, float]):
 
 
 def timed(fn, rep: int) -> dict:
-    if not SMOKE:
+    if MODE != "smoke":
         return time_ms(fn, warm=2, rep=rep)
     ts = []
     for _ in range(rep):
@@ -87,48 +110,119 @@ def timed(fn, rep: int) -> dict:
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "n": rep}
 
 
+def baseline(rows: dict, rep: int) -> None:
+    """diffusers eager bf16: the transformer's own forward, one pass (512 text + 4096 image tokens)."""
+    from flux_dist.models.presets import build_preset
+
+    dev = torch.device("cpu" if MODE == "smoke" else "cuda")
+    tr = build_preset("flux2-tiny" if MODE == "smoke" else "flux2-dev", dtype=torch.bfloat16, device=dev,
+                      seed=0).transformer.eval()
+    kw = pass_inputs(dev, H, W, TXT, dim=tr.config.joint_attention_dim)
+    kw["hidden_states"] = kw["hidden_states"][..., :tr.config.in_channels].contiguous()  # 128 on [dev]
+    rows["baseline/diffusers-eager"] = timed(lambda: tr(**kw, return_dict=False), rep)
+
+
+def variant(rows: dict, name: str, files: dict[str, str], rep: int) -> None:
+    kind, _, impl = name.partition("-")
+    LoraLinear.impl = impl or "inplace"
+    lora = {k: files[k] for k in ("a", "b")[:{"none": 0, "one": 1, "two": 2}[kind]]}
+    requests = REQUESTS[kind]
+    torch._dynamo.reset()
+    eng = engine(lora)
+    rows[f"{name}/bank"] = {"impl": LoraLinear.impl if lora else "-", "wrapped": eng.lora.wrapped}
+    fns = [pass_fn(eng, chosen) for chosen in requests]
+    fns[0]()  # compile and capture
+    if MODE != "smoke":
+        torch.cuda.synchronize()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for chosen, fn in zip(requests, fns, strict=True):
+            key = f"{name}/" + (",".join(f"{k}={v}" for k, v in chosen.items()) or "no-lora")
+            rows[key] = timed(fn, rep)
+            log(f"{key:24s} {rows[key]['median_ms']:8.2f} ms")
+    rows[f"{name}/recompiles"] = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    rows[f"{name}/peak_gib"] = 0.0 if MODE == "smoke" else torch.cuda.max_memory_allocated() / 2**30
+    del eng, fns
+    LoraLinear.impl = "inplace"
+    torch._dynamo.reset()
+    gc.collect()
+    if MODE != "smoke":
+        torch.cuda.empty_cache()
+        rows[f"{name}/left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30  # what the next engine starts on
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
 @torch.inference_mode()
-def main(out: str) -> None:
-    rows: dict = {"rank": RANK, "size": f"{W}x{H}", "cuda_graphs": not QUICK, "mode": MODE,
-                  "device": "cpu" if SMOKE else torch.cuda.get_device_name()}
-    rep = 3 if QUICK else 10
+def main(out: str, variants: list[str]) -> None:
+    rows: dict = {"rank": RANK, "size": f"{W}x{H}", "cuda_graphs": MODE == "full", "mode": MODE,
+                  "device": "cpu" if MODE == "smoke" else torch.cuda.get_device_name(),
+                  "commit": _commit()}
+    rep = 3 if MODE != "full" else 10
     tmp = tempfile.mkdtemp(prefix="lora_bench_")
-    variants = [("none", {}, [{}]), ("one", {"a": f"{tmp}/a.safetensors"}, [{"a": 1.0}]),
-                ("two", {"a": f"{tmp}/a.safetensors", "b": f"{tmp}/b.safetensors"},
-                 [{"a": 1.0, "b": 0.5}, {"a": 0.8}, {}])]
-    ref = None
-    for name, lora, requests in variants:
-        torch._dynamo.reset()
-        eng = engine(lora)
-        if ref is None:  # the adapter files, from the diffusers names and shapes of the model just built
-            shapes = lora_targets(eng.model.tr)[1]
-            rows["lora_modules"] = make_adapter(shapes, f"{tmp}/a.safetensors", 1, eng.dist.device)
-            make_adapter(shapes, f"{tmp}/b.safetensors", 2, eng.dist.device)
-        fns = [pass_fn(eng, chosen) for chosen in requests]
-        fns[0]()  # compile and capture
-        if not SMOKE:
-            torch.cuda.synchronize()
-        counters.clear()
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for chosen, fn in zip(requests, fns, strict=True):
-                key = f"{name}/" + (",".join(f"{k}={v}" for k, v in chosen.items()) or "no-lora")
-                rows[key] = timed(fn, rep)
-                log(f"{key:24s} {rows[key]['median_ms']:8.2f} ms")
-        rows[f"{name}/recompiles"] = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
-        rows[f"{name}/peak_gib"] = 0.0 if SMOKE else torch.cuda.max_memory_allocated() / 2**30
-        if ref is None:
-            ref = rows[f"{name}/no-lora"]["median_ms"]
-        else:
-            first = next(k for k in rows if k.startswith(f"{name}/") and isinstance(rows[k], dict))
-            rows[f"{name}/overhead_pct"] = 100 * (rows[first]["median_ms"] / ref - 1)
-            log(f"{name}: +{rows[f'{name}/overhead_pct']:.2f}% vs no LoRA")
+    files = {"a": f"{tmp}/a.safetensors", "b": f"{tmp}/b.safetensors"}
+    for name in variants:
+        t0 = time.perf_counter()
+        try:
+            if name == "baseline":
+                baseline(rows, rep)
+            else:
+                if "lora_modules" not in rows:  # the adapter files, from the diffusers names and shapes of the model
+                    shapes = diffusers_shapes("flux2-tiny" if MODE == "smoke" else "flux2-dev")
+                    dev = torch.device("cpu" if MODE == "smoke" else "cuda")
+                    rows["lora_modules"] = make_adapter(shapes, files["a"], 1, dev)
+                    make_adapter(shapes, files["b"], 2, dev)
+                variant(rows, name, files, rep)
+        except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others' rows
+            rows[f"{name}/error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"{name} FAILED: {rows[f'{name}/error']}")
+        rows[f"{name}/wall_s"] = time.perf_counter() - t0
         write_json(out, rows)
-        del eng, fns
+        LoraLinear.impl = "inplace"
+        torch._dynamo.reset()  # a failed variant's engine goes too
         gc.collect()
-        if not SMOKE:
+        if MODE != "smoke":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+
+
+def _ms(rows: dict, key: str) -> float | None:
+    v = rows.get(key)
+    return v["median_ms"] if isinstance(v, dict) and "median_ms" in v else None
+
+
+def table(paths: list[str]) -> str:
+    rows: dict = {}
+    for p in paths:
+        with open(p) as f:
+            rows.update(json.load(f))
+    base, eager = _ms(rows, "none/no-lora"), _ms(rows, "baseline/diffusers-eager")
+    out = [f"LoRA on the full stack, {rows.get('size')} one pass, rank {rows.get('rank')}, {rows.get('device')}, "
+           f"commit {rows.get('commit')}", "| engine | bank | request | median ms | vs no LoRA | vs diffusers | "
+           "recompiles |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in rows:
+        ms = _ms(rows, key)
+        if ms is None or key.count("/") != 1:
+            continue
+        name, req = key.split("/")
+        over = f"{100 * (ms / base - 1):+.1f}%" if base and name not in ("none", "baseline") else "-"
+        speed = f"{eager / ms:.2f}x" if eager else "-"
+        bank = rows.get(f"{name}/bank", {}).get("impl", "-")
+        out.append(f"| {name} | {bank} | {req} | {ms:.1f} | {over} | {speed} | {rows.get(f'{name}/recompiles', '-')} |")
+    out += [f"{k}: {v}" for k, v in rows.items() if k.endswith("/error")]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--table":
+        print(table([p for a in sys.argv[2:] for p in sorted(glob.glob(a))]))
+        sys.exit(0)
+    MODE = sys.argv[2] if len(sys.argv) > 2 else "full"
+    if MODE == "smoke":
+        RANK, H, W, TXT = 4, 64, 64, 16
+    main(sys.argv[1], (sys.argv[3] if len(sys.argv) > 3 else VARIANTS).split(","))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from diffusers import Flux2Pipeline, Flux2Transformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -329,3 +330,95 @@ def test_server_switches_adapters_per_request(tmp_path, loras):
         fresh = np.asarray(eng.generate(dataclasses.replace(cfg.request, lora=sel)).image, dtype=np.int16)
         assert np.abs(img - fresh).max() <= 1, sel
     assert np.abs(got[0] - got[2]).max() > 1  # the adapter changed the image
+
+
+def _fused_bank(impl: str):
+    """A q|k|v linear fused from three 16 -> 8 sources, two adapters of ranks 4 and 3 on different pieces (``B``
+    block diagonal over the pieces), and a 16 -> 2x8 linear feeding a SwiGLU."""
+    from flux_dist.lora import LoraWeights, Piece, attach
+
+    g = torch.Generator().manual_seed(3)
+    root = torch.nn.Module()
+    root.qkv, root.mlp = torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(16, 16, bias=False)
+    for lin in (root.qkv, root.mlp):
+        lin.weight.data = torch.randn(lin.weight.shape, generator=g)
+
+    def w(r, n_in, n_out, s):
+        return LoraWeights(torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g), s)
+
+    adapters = {"a": {"q": w(4, 16, 8, 0.5), "v": w(4, 16, 8, 0.5), "mlp": w(4, 16, 16, 0.5)},
+                "b": {"k": w(3, 16, 8, 2.0), "q": w(3, 16, 8, 2.0)}}
+    targets = {"qkv": [Piece("q", 8), Piece("k", 8), Piece("v", 8)], "mlp": [Piece("mlp", 16)]}
+    shapes = {"q": (16, 8), "k": (16, 8), "v": (16, 8), "mlp": (16, 16)}
+    bank = attach(root, adapters, targets, shapes, torch.float32, torch.device("cpu"), impl=impl)
+    return root, bank, adapters
+
+
+def test_bank_in_place_and_swiglu_paths_equal_the_first_bank():
+    """The in-place delta and the SwiGLU-fused delta give the first bank's numbers (and the per-piece sum written out
+    by hand); no adapter selected gives the base linear's output bit for bit; compiled with inductor, the delta is
+    added in place into the base GEMM's buffer and new scales recompile nothing."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    old, old_bank, adapters = _fused_bank("v1")
+    new, new_bank, _ = _fused_bank("inplace")
+    for sel in ({"a": 1.0}, {"a": 0.7, "b": -0.4}):
+        old_bank.select(sel)
+        new_bank.select(sel)
+        with torch.no_grad():
+            want = old.qkv.base(x) + torch.cat([sum(sel.get(n, 0.0) * ad[p].scaling * (x @ ad[p].a.T @ ad[p].b.T)
+                                                    for n, ad in adapters.items() if p in ad) for p in "qkv"], -1)
+            assert torch.allclose(new.qkv(x), want, atol=1e-5) and torch.allclose(old.qkv(x), want, atol=1e-5)
+            g, u = old.mlp(x).chunk(2, -1)
+            assert torch.allclose(new.mlp.swiglu(*new.mlp.parts(x)), F.silu(g) * u, atol=1e-6)
+            y, h = new.qkv.parts(x)  # the fused single-block projection: q/k/v columns in place, the rest in a SwiGLU
+            mix = new.qkv.swiglu(new.qkv.add_(y, h, 0, 8), h, 8)
+            g, u = old.qkv(x)[..., 8:].chunk(2, -1)
+            assert torch.allclose(mix, F.silu(g) * u, atol=1e-5)
+            assert torch.allclose(y[..., :8], want[..., :8], atol=1e-5)
+    new_bank.select({})
+    with torch.no_grad():
+        assert torch.equal(new.qkv(x), new.qkv.base(x))
+    new_bank.select({"a": 1.0})
+    torch._dynamo.reset()
+    fn = torch.compile(new.qkv, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        got, (code,) = run_and_get_code(fn, x)
+        assert torch.allclose(got, new.qkv(x), atol=1e-6)
+        assert "flux_dist.lora_addmm_" in code and "clone" not in code and "copy_" not in code, code
+        counters.clear()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for sel in ({}, {"b": 0.5}, {"a": 0.3, "b": 1.0}):
+                new_bank.select(sel)
+                assert torch.allclose(fn(x), new.qkv(x), atol=1e-6)
+        assert not counters["recompiles"]
+
+
+def test_swiglu_kernel_in_the_triton_interpreter():
+    """The CUDA kernel of the SwiGLU-fused delta, run by Triton's CPU interpreter: odd sizes (masks), a column offset
+    into a wider output, a bank wider than one rank chunk (300 > 256); float16 values rounded where the unfused path
+    rounds them (the interpreter truncates to bfloat16, so bfloat16 is not compared here)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+from flux_dist.lora.kernels import swiglu_lora
+torch.manual_seed(0)
+for dt in (torch.float32, torch.float16):
+    for M, F, R, col, extra in ((70, 40, 6, 0, 0), (130, 72, 80, 24, 8), (33, 20, 300, 4, 0)):
+        y, h = torch.randn(M, col + 2 * F + extra).to(dt), torch.randn(M, R).to(dt)
+        b = (torch.randn(2 * F, R) * 0.3).to(dt)
+        g, u = torch.addmm(y.float()[:, col:col + 2 * F], h.float(), b.float().t()).to(dt).float().chunk(2, -1)
+        want = (torch.nn.functional.silu(g) * u).to(dt).float()
+        got = swiglu_lora(y, h, b, col, dot_f32=True).float()
+        assert ((got - want).abs() <= 2e-5 + 1e-3 * want.abs()).all(), (dt, M, F, R, (got - want).abs().max())
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -3,4 +3,4 @@
 source bench/device/setup.sh
 mkdir -p $OUT
 timeout 230 python3 bench/edit_bench.py $OUT/issue13-edit.json 50
-timeout 260 python3 bench/lora_bench.py $OUT/issue14-lora.json
+timeout 260 python3 bench/lora_bench.py $OUT/issue14-lora.json full none,one,two

@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     _get_qkv_projections,
 )
 
+from ...lora import LoraLinear
 from ...parallel.attention import AttnContext, check_heads, sp_attend, sp_attention, sp_send, sp_wait
 from ...quant import QuantLinear, concat_linears, slice_linear
 
@@ -79,21 +80,36 @@ class SingleStreamAttnProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
             pending = sp_send(q, k, v, self.ctx)
-            mlp = attn.mlp_act_fn(split["mlp"](hidden_states))  # the larger GEMM, while q/k/v travel
+            mlp = _swiglu(split["mlp"], hidden_states, attn.mlp_act_fn)  # the larger GEMM, while q/k/v travel
             sent = sp_attend(pending, self.ctx)
             y = attn.fd_out["mlp"](mlp)  # the MLP's columns of to_out, while the attention output travels
             out = sp_wait(sent, self.ctx).flatten(2, 3).to(q.dtype)
             return attn.fd_out["attn"](out) + y
-        h = attn.to_qkv_mlp_proj(hidden_states)
-        qkv, mlp = torch.split(h, [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        lin, n_qkv = attn.to_qkv_mlp_proj, 3 * attn.inner_dim
+        if _fused(lin):  # the delta of the q/k/v columns in place, the MLP's inside its SwiGLU
+            y, h = lin.parts(hidden_states)
+            qkv, mlp = lin.add_(y, h, 0, n_qkv)[..., :n_qkv], lin.swiglu(y, h, n_qkv)
+        else:
+            qkv, mlp = torch.split(lin(hidden_states), [n_qkv, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
         q, k = attn.norm_q(q), attn.norm_k(k)
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         out = sp_attention(q, k, v, self.ctx).flatten(2, 3).to(q.dtype)
+        mlp = mlp if _fused(lin) else attn.mlp_act_fn(mlp)
         if getattr(attn, "fd_out", None) is not None:
-            return attn.fd_out["attn"](out) + attn.fd_out["mlp"](attn.mlp_act_fn(mlp))
-        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+            return attn.fd_out["attn"](out) + attn.fd_out["mlp"](mlp)
+        return attn.to_out(torch.cat([out, mlp], dim=-1))
+
+
+# A LoRA bank on the single block's MLP input (``flux_dist.lora``): the adapters' delta goes inside the SwiGLU's kernel.
+def _fused(lin: torch.nn.Module) -> bool:
+    return isinstance(lin, LoraLinear) and lin.fuses
+
+
+def _swiglu(lin: torch.nn.Module, x: torch.Tensor, act) -> torch.Tensor:
+    """``act(lin(x))`` for the SwiGLU ``act``."""
+    return lin.swiglu(*lin.parts(x)) if _fused(lin) else act(lin(x))
 
 
 def parallelize(transformer: Flux2Transformer2DModel, ctx: AttnContext) -> None:
