@@ -81,7 +81,11 @@ class Engine:
         if groups and m.text_encoder_placement not in ("auto", "every"):
             raise FluxDistError(f"--text-encoder-placement {m.text_encoder_placement} shares the encoder across all "
                                 "ranks; with --replicas / --layouts every rank encodes its group's prompts: use every")
+        t_groups = time.perf_counter()
         self.meshes = build_meshes(self.layouts, self.dist.rank, self.dist.world_size)
+        if groups:
+            log.info("layouts %s: process groups built in %.2f s", ", ".join(self.meshes),
+                     time.perf_counter() - t_groups)
         self.mesh: Mesh = self.meshes[self.layouts[0].name]  # the widest
         te_rank, te_world = (0, 1) if groups else (self.dist.rank, self.dist.world_size)
         if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
@@ -115,6 +119,7 @@ class Engine:
         self.fns = self.model.step_fns
         if m.compile:  # compile: each block, and the step's work outside them (all a skipped cache step runs)
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
+            compile_mod.allow_variants(8 * len(self.layouts))  # each layout compiles its own, per shape
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
         self._stacks: dict[str, Any] = {}  # graphs: captured per layout (and per shape)
         self.use_layout(self.mesh.name)

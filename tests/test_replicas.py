@@ -165,7 +165,7 @@ def test_mixed_load_of_200_requests_nothing_lost(server):
             assert code == 200 and len(r["data"]) == 1, r
         else:
             assert code == 400 and want in r["error"]["message"], (want, r)
-    for code, r in good[-8:]:
+    for _, r in good[-8:]:
         _same_as_cli(server, r)
     assert {r["timings"]["layout"] for _, r in good} >= {"2x2"}
     _, _, after = call(server.port, "GET", "/metrics")
@@ -174,7 +174,8 @@ def test_mixed_load_of_200_requests_nothing_lost(server):
         'flux_dist_http_responses_total{code="200"}', 'flux_dist_http_responses_total{code="400"}',
         "flux_dist_requests_total", "flux_dist_images_total", "flux_dist_request_latency_seconds_count")}
     # 200s: the 32 images and the first GET /metrics (counted once it was answered)
-    assert delta == {'flux_dist_http_responses_total{code="200"}': 33, 'flux_dist_http_responses_total{code="400"}': 168,
+    assert delta == {'flux_dist_http_responses_total{code="200"}': 33,
+                     'flux_dist_http_responses_total{code="400"}': 168,
                      "flux_dist_requests_total": 200, "flux_dist_images_total": 32,
                      "flux_dist_request_latency_seconds_count": 32}, delta
     assert metric(a, "flux_dist_request_failures_total") == 0 and metric(a, "flux_dist_queue_length") == 0
@@ -185,13 +186,15 @@ def test_batch_mode_spreads_lines_over_replicas_in_order(server, tmp_path):
     """torchrun, --replicas 2 on 2 ranks (groups of one: the cheapest launch; the server above runs groups of
     two): every good line written, in the file's order, spread over both groups."""
     prompts = tmp_path / "prompts.jsonl"
-    lines = [{"prompt": PROMPT, "seed": 7}, {"prompt": "a lighthouse", "size": "60x64"}, {"prompt": "a boat", "seed": 3},
-             {"prompt": PROMPT, "seed": 7}, {"prompt": "a lighthouse", "seed": 5, "size": "32x64", "steps": 1}]
+    lines = [{"prompt": PROMPT, "seed": 7}, {"prompt": "a lighthouse", "size": "60x64"},
+             {"prompt": "a boat", "seed": 3}, {"prompt": PROMPT, "seed": 7},
+             {"prompt": "a lighthouse", "seed": 5, "size": "32x64", "steps": 1}]
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--replicas", "2", "--ulysses", "1",
-           "--prompts-file", str(prompts), "--output-dir", str(out), "--output", str(tmp_path / "x.png"), "--metrics", ""]
+           "--prompts-file", str(prompts), "--output-dir", str(out), "--output", str(tmp_path / "x.png"),
+           "--metrics", ""]
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "exitcode  : 3" in r.stderr, r.stderr[-3000:]  # line 2 skipped, on every rank
     assert "line 2 skipped" in r.stderr and "multiple of 16" in r.stderr

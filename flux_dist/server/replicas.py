@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import logging
 import pickle
+import queue
 import threading
 import time
 from typing import Any
@@ -139,7 +140,7 @@ class Dispatcher:
             while job is None:
                 try:
                     job = self.jobs.get(timeout=0)
-                except Exception:  # noqa: BLE001 - queue.Empty
+                except queue.Empty:
                     return
                 if not job.future.set_running_or_notify_cancel():
                     job = None  # its client gave up while it waited
