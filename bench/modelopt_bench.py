@@ -60,9 +60,12 @@ def _model(double: int, single: int):
 
 def _capture(tr, kw) -> dict:
     got, hooks = {}, []
+
+    def keep(n: str, i: tuple, o: torch.Tensor) -> None:  # returns None: a hook's return value replaces the output
+        got.setdefault(n, (i[0].detach().clone(), o.detach().clone()))
+
     for n in PROBES:
-        hooks.append(tr.get_submodule(n).register_forward_hook(
-            lambda m, i, o, n=n: got.setdefault(n, (i[0].detach().clone(), o.detach().clone()))))
+        hooks.append(tr.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(n, i, o)))
     with torch.no_grad():
         out = tr(**kw, return_dict=False)[0]
     for h in hooks:
@@ -96,6 +99,18 @@ def main(out: str, quant: str, acts: str, double: int = 8, single: int = 48, fol
     res["modelopt_vs_bf16"] = {k: _rel(ref[k][1] if k != "out" else ref[k], plain[k][1] if k != "out" else plain[k])
                                for k in ref}
     log("modelopt vs bf16", res["modelopt_vs_bf16"])
+    # ModelOpt's exporter first fuses each attention's q/k/v group (NVFP4: one amax for the group, so a
+    # shared weight_scale_2 / input_scale, weights re-quantized), in place. Done here with its own functions
+    # (the export repeats it, unchanged), so ``fused`` is what the export holds; ``ref`` is before.
+    from modelopt.torch.export.unified_export_hf import _fuse_shared_input_modules, collect_shared_input_modules
+
+    with torch.no_grad():
+        shared, _ = collect_shared_input_modules(tr, lambda t=tr: t(**kw, return_dict=False))
+        _fuse_shared_input_modules(tr, shared, qkv_only=True)
+    fused = _capture(tr, kw)
+    res["modelopt_qkv_fused_vs_fake_quant"] = {k: _rel(fused[k][1] if k != "out" else fused[k],
+                                                       ref[k][1] if k != "out" else ref[k]) for k in ref}
+    log("modelopt after the export's q/k/v fusion vs before", res["modelopt_qkv_fused_vs_fake_quant"])
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     mo.export(tr, folder, acts)
@@ -109,9 +124,12 @@ def main(out: str, quant: str, acts: str, double: int = 8, single: int = 48, fol
     mine = _capture(q, kw)
     res["flux_dist_pass_ms"] = time_ms(lambda: q(**kw, return_dict=False), warm=1, rep=3)
     res["flux_dist_vs_modelopt"] = {"out": _rel(mine["out"], ref["out"])}
+    res["flux_dist_vs_modelopt_export"] = {"out": _rel(mine["out"], fused["out"])}
     for n in PROBES:  # each linear on ModelOpt's captured input: a layout error cannot hide in the pass
         with torch.no_grad():
             res["flux_dist_vs_modelopt"][n] = _rel(q.get_submodule(n)(ref[n][0]), ref[n][1])
+            res["flux_dist_vs_modelopt_export"][n] = _rel(q.get_submodule(n)(fused[n][0]), fused[n][1])
+    log("flux-dist vs modelopt after its export's fusion", res["flux_dist_vs_modelopt_export"])
     res["peak_gib"] = round(torch.cuda.max_memory_allocated(DEV) / 2**30, 1)
     log("flux-dist vs modelopt", res["flux_dist_vs_modelopt"])
     shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,7 @@ from .errors import FluxDistError
 from .images import checked_request
 from .layouts import check_layout_use, resolve_layouts
 from .preflight import on_rank0_then_all, port_in_use, record_failure
-from .validation import check_outputs, check_run, sized
+from .validation import check_outputs, check_run, serving_config
 
 log = logging.getLogger("flux_dist")
 
@@ -66,10 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServeOptions, serve
     from .server.protocol import DEFAULT_MAX_WORK
 
-    cfg = config_from_args(args)
-    cfg.request.lora = {}  # serve --lora preloads adapters; each request selects its own ("lora": {NAME: scale})
-    check_run(cfg)
-    cfg.request = sized(dataclasses.replace(cfg.request, images=[]))  # HTTP defaults: text-to-image, sized
+    cfg = serving_config(config_from_args(args))  # --lora preloads; each request selects ("lora": {NAME: scale})
     max_work = DEFAULT_MAX_WORK if args.max_work is None else (args.max_work or None)  # 0: no limit
     opts = dict(api_key=args.api_key or os.environ.get("FLUX_DIST_API_KEY"), max_queue=args.max_queue,
                 max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,

@@ -34,15 +34,7 @@ from .parallel.attention import AttnContext, check_heads
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
 from .parallel.mesh import Mesh, build_meshes
 from .parallel.sharding import ShardPlan, gather_image
-from .validation import (
-    check_cfg_parallel,
-    check_device,
-    check_lora,
-    check_negative_prompt,
-    check_request,
-    check_run,
-    sized,
-)
+from .validation import RequestRules, check_cfg_parallel, check_device, check_run, sized
 
 log = logging.getLogger("flux_dist")
 
@@ -139,10 +131,12 @@ class Engine:
         self.stack = self._stacks[name]
         return self.mesh
 
+    def rules(self) -> RequestRules:
+        """What this engine accepts (the loaded adapters' names, paths, ranks: ``self.lora.describe()``)."""
+        return RequestRules(self.cfg.limits, self.model.image_multiple, self.true_cfg, tuple(self.lora.names))
+
     def validate(self, req: RequestConfig) -> None:
-        check_request(req, self.cfg.limits, multiple=self.model.image_multiple)
-        check_negative_prompt(req, self.true_cfg)
-        check_lora(req.lora, self.lora.names)  # the loaded adapters (name, path, ranks): self.lora.describe()
+        self.rules()(req)
 
     def decode(self, latents: torch.Tensor, ids: torch.Tensor) -> Any:
         return self.model.decode(latents, ids)

@@ -7,6 +7,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Each actor then builds the pr
 (NCCL on GPUs, gloo on CPU). The driver watches the ranks' long-running calls with ``ray.wait``:
 the first rank that raises or dies gets every actor killed and an error naming that rank, so a
 survivor never sits in a collective until the process-group timeout.
+
+The pieces (``plan``, ``start_actors``, ``rendezvous``, ``watch``, ``stop_ranks``) also start and watch
+the ranks of each Ray Serve replica (``serve_ray``).
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def _plan(ray: Any, world: int, device: str) -> tuple[dict[str, float], str, str]:
+def plan(ray: Any, world: int, device: str) -> tuple[dict[str, float], str, str]:
     """(bundle, strategy, rank device): one GPU per rank when the cluster has them, else one CPU."""
     total = ray.cluster_resources()
     use_gpu = device == "cuda" or (device == "auto" and total.get("GPU", 0) >= world)
@@ -112,8 +115,13 @@ def _plan(ray: Any, world: int, device: str) -> tuple[dict[str, float], str, str
                             f"{total.get(kind, 0):g} {kind}s")
     per_node = [n["Resources"].get(kind, 0) for n in ray.nodes() if n.get("Alive")]
     strategy = "STRICT_PACK" if any(v >= world for v in per_node) else "PACK"
-    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
-    return bundle, strategy, "cuda" if use_gpu else "cpu"
+    device = "cuda" if use_gpu else "cpu"
+    return rank_bundle(device), strategy, device
+
+
+def rank_bundle(device: str) -> dict[str, float]:
+    """One rank's share of a placement group: one GPU (and a CPU) on cuda, one CPU on cpu."""
+    return {"CPU": 1.0, "GPU": 1.0} if device == "cuda" else {"CPU": 1.0}
 
 
 def _forward_env() -> dict[str, str]:
@@ -132,13 +140,62 @@ def _describe(err: BaseException) -> tuple[bool, str]:
     return False, f"raised:\n{str(err).strip()[-3000:]}"
 
 
+def start_actors(ray: Any, cls: type, pg: Any, bundle: dict[str, float], world: int, **options: Any) -> list[Any]:
+    """One actor of ``cls`` per bundle of ``pg`` (rank r in bundle r), never restarted."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    remote = ray.remote(cls)
+    return [remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                           **options).remote() for r in range(world)]
+
+
+@dataclass
+class Rendezvous:
+    envs: list[dict[str, str]]  # per rank: what torchrun would set, plus the driver's forwarded variables
+    pids: list[int]
+    master: str  # rank 0's HOST:PORT
+    nodes: int
+
+
+def rendezvous(ray: Any, actors: list[Any], timeout_s: float, env: dict[str, str] | None = None) -> Rendezvous:
+    """Where each actor runs, a free port on rank 0's node, and each rank's torchrun variables."""
+    world = len(actors)
+    where = ray.get([a.where.remote() for a in actors], timeout=timeout_s)
+    master_addr, master_port = where[0][1], ray.get(actors[0].free_port.remote(), timeout=60)
+    local: dict[str, int] = defaultdict(int)
+    node_size = {n: sum(w[0] == n for w in where) for n, _, _ in where}
+    envs = []
+    for r, (node, _, _) in enumerate(where):
+        envs.append({**_forward_env(), **(env or {}), "RANK": str(r), "WORLD_SIZE": str(world),
+                     "LOCAL_RANK": str(local[node]), "LOCAL_WORLD_SIZE": str(node_size[node]),
+                     "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        local[node] += 1
+    return Rendezvous(envs, [w[2] for w in where], f"{master_addr}:{master_port}", len(node_size))
+
+
+def stop_ranks(ray: Any, actors: list[Any], pg: Any = None) -> None:
+    """Kill every actor (already dead is fine), then free ``pg``."""
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+    if pg is not None:
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            remove_placement_group(pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def ray_generate(cfg: RunConfig, *, address: str | None = None, num_cpus: int | None = None,
                  timeout_s: float = 3600.0, poll_s: float = 1.0, grace_s: float = 3.0,
                  env: dict[str, str] | None = None, placement_timeout_s: float = 120.0) -> RayResult:
     """Generate ``cfg.request`` on Ray with the layout ``cfg.parallel`` asks for; see the module doc."""
     ray = _import_ray()
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.placement_group import placement_group
 
     p = cfg.parallel
     world = p.ulysses * p.ring * p.cfg_parallel
@@ -147,55 +204,32 @@ def ray_generate(cfg: RunConfig, *, address: str | None = None, num_cpus: int | 
     pids: list[int] = []
     pg = None
     try:
-        bundle, strategy, device = _plan(ray, world, cfg.model.device)
+        bundle, strategy, device = plan(ray, world, cfg.model.device)
         cfg = replace(cfg, model=replace(cfg.model, device=device))
         pg = placement_group([dict(bundle)] * world, strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
         if not ready:
             raise FluxDistError(f"Ray could not place {world} bundles of {bundle} ({strategy}) within "
                                 f"{placement_timeout_s:g} s; cluster resources: {ray.cluster_resources()}")
-        cls = ray.remote(RankActor)
-        for r in range(world):
-            actors.append(cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-            ).remote())
-        where = ray.get([a.where.remote() for a in actors], timeout=placement_timeout_s)
-        pids = [w[2] for w in where]
-        master_addr, master_port = where[0][1], ray.get(actors[0].free_port.remote(), timeout=60)
-        local: dict[str, int] = defaultdict(int)
-        node_size = {n: sum(w[0] == n for w in where) for n, _, _ in where}
-        refs = {}
-        for r, (a, (node, _, _)) in enumerate(zip(actors, where, strict=True)):
-            rank_env = {**_forward_env(), **(env or {}), "RANK": str(r), "WORLD_SIZE": str(world),
-                        "LOCAL_RANK": str(local[node]), "LOCAL_WORLD_SIZE": str(node_size[node]),
-                        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
-            local[node] += 1
-            refs[a.run.remote(cfg, rank_env)] = r
-        log.info("ray: %d ranks (%s, %s bundles %s), rendezvous %s:%d", world, device, strategy, bundle,
-                 master_addr, master_port)
-        out = _watch(ray, refs, pids, timeout_s, poll_s, grace_s)
+        actors = start_actors(ray, RankActor, pg, bundle, world)
+        rv = rendezvous(ray, actors, placement_timeout_s, env)
+        pids = rv.pids
+        refs = {a.run.remote(cfg, e): r for r, (a, e) in enumerate(zip(actors, rv.envs, strict=True))}
+        log.info("ray: %d ranks (%s, %s bundles %s), rendezvous %s", world, device, strategy, bundle, rv.master)
+        out = watch(ray, refs, pids, timeout_s, poll_s, grace_s)
         metrics = {**out["metrics"], "launcher": {"name": "ray", "strategy": strategy, "bundle": bundle,
-                                                   "nodes": len(node_size), "master": f"{master_addr}:{master_port}"}}
+                                                   "nodes": rv.nodes, "master": rv.master}}
         return RayResult(png=out["png"], metrics=metrics, pids=pids)
     finally:
-        for a in actors:  # success or failure: no rank outlives the request
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
-        if pg is not None:
-            try:
-                remove_placement_group(pg)
-            except Exception:  # noqa: BLE001
-                pass
+        stop_ranks(ray, actors, pg)  # success or failure: no rank outlives the request
         if started:
             ray.shutdown()
 
 
-def _watch(ray: Any, refs: dict[Any, int], pids: list[int], timeout_s: float, poll_s: float,
+def watch(ray: Any, refs: dict[Any, int], pids: list[int], timeout_s: float, poll_s: float,
            grace_s: float) -> dict:
-    """Wait for every rank; on the first failure collect others for ``grace_s``, then raise."""
+    """Wait for every rank's call (``refs``: ref -> rank); rank 0's result. On the first failure collect the
+    others' for ``grace_s``, then raise ``RankFailedError`` naming the rank (a death first)."""
     pending = list(refs)
     results: dict[int, Any] = {}
     failures: list[tuple[int, bool, str]] = []

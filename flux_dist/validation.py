@@ -189,6 +189,30 @@ def check_negative_prompt(req: RequestConfig, true_cfg: bool) -> None:
                             "guidance-distilled (drop --negative-prompt / request.negative_prompt)")
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestRules:
+    """What a loaded engine accepts, as plain data (picklable): ``Engine.validate`` applies it on every
+    rank, and a front end in another process (a Ray Serve replica) applies the same checks before queuing."""
+
+    limits: LimitsConfig
+    multiple: int = 16  # the model's image size multiple
+    true_cfg: bool = False
+    lora: tuple[str, ...] = ()  # the adapters loaded at start
+
+    def __call__(self, req: RequestConfig) -> None:
+        check_request(req, self.limits, multiple=self.multiple)
+        check_negative_prompt(req, self.true_cfg)
+        check_lora(req.lora, self.lora)
+
+
+def serving_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` for a server (torchrun's ``serve``, a Ray Serve replica): checked, its request the HTTP
+    defaults (text-to-image, sized; no LoRA applied: ``model.lora`` preloads, each request selects)."""
+    cfg = dataclasses.replace(cfg, request=dataclasses.replace(cfg.request, lora={}))
+    check_run(cfg)
+    return dataclasses.replace(cfg, request=sized(dataclasses.replace(cfg.request, images=[])))
+
+
 # What rank 0 can write an image as (PIL picks the format from the suffix).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

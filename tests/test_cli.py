@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from dist_utils import SMALL, TINY, png, single, torchrun
 
@@ -80,6 +81,13 @@ def test_every_shipped_config_loads_and_names_known_choices():
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert len(files) >= 5
     for f in files:
-        c = load_config(str(f), {})
-        assert c.model.quant in MODES and c.model.attention in BACKENDS, f
-        assert c.model.dtype in ("float32", "bfloat16", "float16"), f
+        data = yaml.safe_load(f.read_text())
+        if "applications" in data:  # a Ray Serve config: each application's run config, as its replicas get it
+            from flux_dist.serve_ray import ServeArgs, run_config
+
+            configs = [run_config(ServeArgs.model_validate(app["args"])) for app in data["applications"]]
+        else:
+            configs = [load_config(str(f), {})]
+        for c in configs:
+            assert c.model.quant in MODES and c.model.attention in BACKENDS, f
+            assert c.model.dtype in ("float32", "bfloat16", "float16"), f

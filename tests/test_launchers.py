@@ -50,6 +50,25 @@ def test_torchrun_two_nodes_simulated_same_png(tmp_path, torchrun_ref):
     _same_image(written[0], torchrun_ref)
 
 
+def test_launcher_sigterm_stops_the_ranks_in_one_line(tmp_path):
+    """SIGTERM to `launch/torchrun.py` (a scheduler stopping the job): torchrun forwards it to the ranks and
+    the launcher exits 128 + 15 with one line, not torchrun's exit 1 and SignalException traceback."""
+    import signal
+
+    cmd = [sys.executable, "launch/torchrun.py", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "flux_dist", "generate", *TINY, "--output", str(tmp_path / "x.png"), "--metrics", ""]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(FLUX_DIST_FAULT="rank=1,step=1,kind=sleep,seconds=60"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.time() + 180
+    while "FLUX_DIST_FAULT" not in seen and time.time() < deadline:  # the ranks are mid-denoise
+        seen += p.stderr.readline()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-3000:])
+    assert "flux-dist: launcher stopped by signal SIGTERM; ranks stopped" in err, err[-3000:]
+    assert "Traceback" not in seen + err, (seen + err)[-3000:]
+
+
 def test_torchrun_rank_raises_mid_denoise_ends_job(tmp_path):
     t0 = time.time()
     r = torchrun(2, "generate", *TINY, "--output", str(tmp_path / "x.png"), "--metrics", "",
@@ -178,6 +197,32 @@ def test_ray_dead_actor_stops_everything(tmp_path, ray_cluster, capfd):
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_ray_stopped_store_host_rank_ends_within_60s(tmp_path, ray_cluster, capfd):
+    """Rank 0 (the rendezvous store's host) SIGSTOPs itself mid-denoise: rank 1's watchdog names it, kills
+    its process (same machine) and exits; the driver raises and no actor is left (issue 12, Ray)."""
+    import dataclasses
+
+    from flux_dist.launch_ray import RankFailedError, ray_generate
+
+    cfg = _ray_cfg(tmp_path)
+    cfg.dist = dataclasses.replace(cfg.dist, watchdog_s=8.0)
+    t0 = time.time()
+    with pytest.raises(RankFailedError) as ei:
+        ray_generate(cfg, env={"FLUX_DIST_FAULT": "rank=0,step=1,kind=stop"}, timeout_s=240)
+    end = time.time()
+    assert not _all_gone(ei.value.pids), "an actor is still running"
+    text = ""
+    for _ in range(50):
+        text += capfd.readouterr().err
+        if "stopped answering" in text and "FLUX_DIST_FAULT" in text:
+            break
+        time.sleep(0.1)
+    assert "[rank1] flux-dist: error: rank 0 stopped answering" in text, text[-3000:]
+    assert "killed its process" in text, text[-3000:]
+    fired = fault_time(text)
+    assert t0 < fired and end - fired < FAST_FAIL_S, f"driver took {end - fired:.1f} s to raise after the fault"
 
 
 def test_ray_bad_layout_is_a_clear_error(tmp_path, ray_cluster):

@@ -47,8 +47,8 @@ def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     return bad
 
 
-FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.lockstep",
-              "flux_dist.preflight", "flux_dist.cli_args")
+FRONT_ENDS = ("flux_dist.cli", "flux_dist.server", "flux_dist.batch", "flux_dist.launch_ray", "flux_dist.serve_ray",
+              "flux_dist.lockstep", "flux_dist.preflight", "flux_dist.cli_args")
 
 
 def test_torch_free_config_and_validation():

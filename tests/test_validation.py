@@ -237,7 +237,7 @@ def test_quantized_layers_keep_format_rest_takes_dtype(tmp_path):
 # -- item 7: ray-generate's driver prints the rank's one line ---------------------------------------
 def test_ray_bad_input_is_one_line():
     ray = pytest.importorskip("ray")
-    from flux_dist.launch_ray import RankFailedError, _describe, _watch
+    from flux_dist.launch_ray import RankFailedError, _describe, watch
 
     err = ray.exceptions.RayTaskError("run", "Traceback ...\nlong", FluxDistError("cannot load model directory 'x'"))
     assert _describe(err) == (False, "error: cannot load model directory 'x'")
@@ -250,7 +250,7 @@ def test_ray_bad_input_is_one_line():
             raise err
 
     with pytest.raises(RankFailedError) as e:
-        _watch(FakeRay(), {"a": 0, "b": 1}, [1, 2], 10.0, 0.01, 0.01)
+        watch(FakeRay(), {"a": 0, "b": 1}, [1, 2], 10.0, 0.01, 0.01)
     assert str(e.value) == "cannot load model directory 'x' (rank(s) 0, 1; all ranks stopped)"
 
 

@@ -23,7 +23,7 @@ from .protocol import DEFAULT_MAX_WORK
 from .schema import ServeOptions
 
 __all__ = ["FatalError", "Job", "JobOutcome", "JobQueue", "RequestStopped", "RequestValidator", "ServeOptions",
-           "StopSignal", "create_app", "serve", "run_together"]
+           "StopSignal", "create_app", "public_adapters", "serve", "serve_jobs", "run_together"]
 
 log = logging.getLogger("flux_dist")
 
@@ -57,10 +57,8 @@ def serve(
     front: FrontEnd | None = None
     err: str | None = None
     if main:
-        lora = getattr(engine, "lora", None)
-        adapters = [{k: v for k, v in a.items() if k != "path"} for a in lora.describe()] if lora else []
-        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name, adapters,
-                                     cfg.limits)
+        validator = RequestValidator(cfg.request, engine.validate, engine.true_cfg, engine.c.name,
+                                     public_adapters(engine), cfg.limits)
         try:
             front = FrontEnd(opts, validator)
         except OSError as e:
@@ -71,6 +69,40 @@ def serve(
             except RuntimeError as e:
                 front.close()
                 front, err = None, f"the HTTP server on {host}:{port} did not start: {e}"
+
+    def listening() -> None:
+        assert front is not None
+        h, p = front.address
+        log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request, deadline %g s, work limit %s)",
+                 engine.c.name, h, p, " with an API key" if api_key else "", max_queue, max_images, request_timeout_s,
+                 max_work)
+        if on_listening is not None:
+            on_listening(h, p)
+
+    try:
+        return serve_jobs(cfg, engine, front.jobs if front else None, err=err, heartbeat_s=heartbeat_s, stop=stop,
+                          on_serving=listening)
+    finally:
+        if front is not None:
+            front.close()
+
+
+def public_adapters(engine: Any) -> list[dict]:
+    """The LoRA adapters loaded at start, as ``GET /v1/models`` lists them (names, ranks; no paths)."""
+    lora = getattr(engine, "lora", None)
+    return [{k: v for k, v in a.items() if k != "path"} for a in lora.describe()] if lora else []
+
+
+def serve_jobs(cfg: RunConfig, engine: Any, jobs: JobQueue | None, *, err: str | None = None,
+               heartbeat_s: float | None = None, stop: StopSignal | None = None,
+               on_serving: Any = None) -> int:
+    """The serving part every transport shares; call on every rank, rank 0 with the ``JobQueue`` its
+    transport fills (HTTP here, a Ray Serve replica in ``serve_ray``), the others with None.
+
+    A start-up barrier (rank 0's ``err`` takes every rank down with that message), the short collective
+    timeout, the stop signal, then ``serve_loop`` marking ``jobs`` ready / down. Returns the exit code.
+    """
+    main = engine.dist.is_main
     # Doubles as the start-up barrier: every rank has its engine once this returns, and a rank 0
     # that cannot listen takes every rank down with the same message.
     status = broadcast(("start", err), engine.dist.device)
@@ -82,26 +114,21 @@ def serve(
     stop = stop or StopSignal(exit_on_second=main)
     stop.install()
     hooks = LoopHooks()
-    if front is not None:
-        front.jobs.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
-        h, p = front.address
-        log.info("serving %s on http://%s:%d%s (queue %d, up to %d images a request, deadline %g s, work limit %s)",
-                 engine.c.name, h, p, " with an API key" if api_key else "", max_queue, max_images, request_timeout_s,
-                 max_work)
-        if on_listening is not None:
-            on_listening(h, p)
-        hooks = LoopHooks(on_ready=front.mark_ready, on_fatal=front.mark_down)
+    if jobs is not None:
+        jobs.stopping = stop.event  # /health says 503 from the signal on, not only once the loop is left
+        if on_serving is not None:
+            on_serving()
+        hooks = LoopHooks(on_ready=jobs.mark_ready, on_fatal=jobs.mark_down)
     code = 1
     try:
         if len(engine.layouts) > 1 or engine.layouts[0].replicas > 1:  # replica groups (--replicas, --layouts)
             from .replicas import serve_groups
 
-            code = serve_groups(engine, front.jobs if front else None, stop, heartbeat_s=hb, hooks=hooks)
+            code = serve_groups(engine, jobs, stop, heartbeat_s=hb, hooks=hooks)
         else:  # one group of every rank: rank 0 broadcasts each job
-            code = serve_loop(engine, front.jobs if front else None, stop, heartbeat_s=hb, hooks=hooks)
+            code = serve_loop(engine, jobs, stop, heartbeat_s=hb, hooks=hooks)
     finally:
-        if front is not None:
-            front.mark_down("shutting down" if code == 0 else "a rank failed")
-            front.close()
+        if jobs is not None:
+            jobs.mark_down("shutting down" if code == 0 else "a rank failed")
     log.info("server stopped (exit %d)", code)
     return code

@@ -240,6 +240,13 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
                     metrics.stopped(DEADLINE)
                     raise APIError(504, f"no result within {opts.request_timeout_s:g} s (--request-timeout): "
                                    "the request was still queued")
+        except asyncio.CancelledError:  # the transport dropped the handler (Ray Serve does when the client leaves)
+            if not job.future.done():
+                job.client_gone.set()
+                job.future.cancel()
+                metrics.stopped(CANCELLED)
+                log.info("job %d: its handler was cancelled; cancelled", job.id)
+            raise
         finally:
             gone.cancel()
         if job.future.cancelled():
