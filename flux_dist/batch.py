@@ -72,8 +72,29 @@ def _read_line_images(item: dict[str, Any], cfg: RunConfig) -> list[Any] | str:
         return str(e)
 
 
+def _request(cfg: RunConfig, engine: Any, item: dict[str, Any]) -> Any:
+    """The line's request, or why it is skipped: the same verdict on every rank, before any collective."""
+    try:
+        req = dataclasses.replace(cfg.request, **item)
+        engine.validate(req)
+        return req
+    except (FluxDistError, TypeError) as e:
+        return str(e)
+
+
+def _entry(no: int, name: str, req: Any, paths: list, metrics: dict, time_s: float) -> dict[str, Any]:
+    return {"line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
+            "width": metrics["request"]["width"], "height": metrics["request"]["height"], "images": paths,
+            "steps": req.steps, "guidance": req.guidance, "lora": req.lora, "time_s": round(time_s, 4),
+            "denoise_s": metrics.get("denoise_s"), "cache_skipped_steps": metrics.get("cache_skipped_steps", 0)}
+
+
 def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -> int:
-    """Generate every line of ``prompts_file`` into ``output_dir`` (call on every rank). Returns the exit code."""
+    """Generate every line of ``prompts_file`` into ``output_dir`` (call on every rank). Returns the exit code.
+
+    With replica groups (``--replicas R``) the lines go out in rounds of R, line ``k`` of a round to group
+    ``k``; rank 0 gathers each round's images and writes them and the manifest in the file's order.
+    """
     main = engine.dist.is_main
     parsed: Any = None
     if main:
@@ -106,7 +127,17 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             log.error("%s line %d skipped: %s", prompts_file, no, msg)
             manifest["errors"].append({"line": no, "error": msg})
 
-    for i, (no, item) in enumerate(parsed):
+    def write(i: int, no: int, item: dict[str, Any], image: Any, metrics: dict, time_s: float, **extra: Any) -> None:
+        name = f"{i:05d}.png"
+        image.save(out / name)
+        req = dataclasses.replace(cfg.request, **{**item, "images": []})
+        manifest["images"].append({**_entry(no, name, req, item.get("images", []), metrics, time_s), **extra})
+        log.info("[%d/%d] wrote %s (%s)", i + 1, len(parsed), out / name, req.prompt[:60])
+
+    if engine.mesh.replicas > 1:
+        failed[:] = _run_rounds(cfg, engine, parsed, fail, write, lambda: manifest_path.write_text(
+            json.dumps(manifest, indent=2)))
+    for i, (no, item) in enumerate(parsed if engine.mesh.replicas == 1 else []):
         if isinstance(item, str):
             fail(no, item)
             continue
@@ -117,12 +148,9 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             if isinstance(read, str):
                 fail(no, read)
                 continue
-            item = {**item, "images": read}
-        try:
-            req = dataclasses.replace(cfg.request, **item)
-            engine.validate(req)  # the same verdict on every rank: all skip together, before any collective
-        except (FluxDistError, TypeError) as e:
-            fail(no, str(e))
+        req = _request(cfg, engine, {**item, "images": read} if paths else item)
+        if isinstance(req, str):
+            fail(no, req)
             continue
         t0 = time.perf_counter()
         outcome = run_together(engine, [req])  # FatalError (ranks out of step) ends the batch
@@ -131,17 +159,7 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
             continue
         if main:
             res = outcome.results[0]
-            name = f"{i:05d}.png"
-            res.image.save(out / name)
-            manifest["images"].append({
-                "line": no, "file": name, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                "seed": req.seed, "width": res.metrics["request"]["width"], "height": res.metrics["request"]["height"],
-                "images": paths, "steps": req.steps, "guidance": req.guidance, "lora": req.lora,
-                "time_s": round(time.perf_counter() - t0, 4),
-                "denoise_s": res.metrics.get("denoise_s"),
-                "cache_skipped_steps": res.metrics.get("cache_skipped_steps", 0),
-            })
-            log.info("[%d/%d] wrote %s (%s)", i + 1, len(parsed), out / name, req.prompt[:60])
+            write(i, no, item, res.image, res.metrics, time.perf_counter() - t0)
         if main:  # rewritten after every image: an interrupted batch still lists what it wrote
             manifest_path.write_text(json.dumps(manifest, indent=2))
     if main:
@@ -150,6 +168,55 @@ def run_batch(cfg: RunConfig, engine: Any, prompts_file: str, output_dir: str) -
         n_ok, n_bad = len(manifest["images"]), len(manifest["errors"])
         log.info("batch done: %d image(s), %d line(s) skipped, manifest %s", n_ok, n_bad, manifest_path)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def _run_rounds(cfg: RunConfig, engine: Any, parsed: list, fail: Any, write: Any, save: Any) -> list[int]:
+    """Replica groups: the good lines in rounds of R, line ``k`` of a round on group ``k``; rank 0 gathers
+    each round (one ``gather_object`` over every rank) and writes it in the file's order. Returns the lines
+    that failed, the same list on every rank."""
+    import torch.distributed as dist
+
+    mesh, main, dev = engine.mesh, engine.dist.is_main, engine.dist.device
+    good, failed = [], []
+    for i, (no, item) in enumerate(parsed):  # lines without images checked here: a bad one takes no group's turn
+        why = item if isinstance(item, str) else None if item.get("images") else _request(cfg, engine, item)
+        if isinstance(why, str):
+            fail(no, why)
+            failed.append(no)
+        else:
+            good.append((i, no, item))
+    for first in range(0, len(good), mesh.replicas):
+        chunk = good[first:first + mesh.replicas]
+        reads: list[Any] = [None] * len(chunk)
+        if any(item.get("images") for _, _, item in chunk):  # rank 0 reads the round's images, sends them once
+            if main:
+                reads = [_read_line_images(item, cfg) if item.get("images") else None for _, _, item in chunk]
+            reads = broadcast(("images", reads), dev)[1]
+        record: Any = None
+        if mesh.replica < len(chunk):  # this group's line of the round
+            _, _, item = chunk[mesh.replica]
+            read = reads[mesh.replica]
+            req = read if isinstance(read, str) else _request(cfg, engine, {**item, "images": read} if read else item)
+            if isinstance(req, str):
+                record = ("fail", req)
+            else:
+                t0 = time.perf_counter()
+                outcome = run_together(engine, [req], team=mesh)  # FatalError (a group out of step) ends the batch
+                res = outcome.results[0] if outcome.ok else None
+                record = ("ok", res.image, res.metrics, time.perf_counter() - t0) if res else \
+                    ("fail", "; ".join(outcome.errors))
+        gathered: list[Any] = [None] * engine.dist.world_size
+        dist.gather_object(record if mesh.is_leader else None, gathered if main else None, dst=0)
+        if main:
+            for k, (i, no, item) in enumerate(chunk):
+                rec = gathered[k * mesh.dims.world]  # group k's leader
+                if rec[0] == "fail":
+                    fail(no, rec[1])
+                    failed.append(no)
+                else:
+                    write(i, no, item, *rec[1:], replica=k)
+            save()  # rewritten after every round: an interrupted batch still lists what it wrote
+    return broadcast(("failed", sorted(failed)), dev)[1]
 
 
 def read_prompts(path: str) -> list[str]:

@@ -17,16 +17,26 @@ from .cli_args import build_parser as _build_parser
 from .config import RunConfig, to_dict
 from .errors import FluxDistError
 from .images import checked_request
+from .layouts import check_layout_use, resolve_layouts
 from .preflight import on_rank0_then_all, port_in_use, record_failure
 from .validation import check_outputs, check_run, serving_config
 
 log = logging.getLogger("flux_dist")
 
 
+def _check_layouts(cfg: RunConfig, command: str) -> None:
+    """``--replicas`` / ``--layouts`` against the command and the launch's world size, before anything loads."""
+    from .distributed import env_layout
+
+    check_layout_use(cfg.parallel, command)
+    resolve_layouts(cfg.parallel, env_layout()[1])
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_run(cfg)
     req = cfg.request if args.prompts_file else checked_request(cfg.request, cfg.limits)  # before heavy imports
+    _check_layouts(cfg, "batch" if args.prompts_file else "generate")
     from . import distributed
     from .engine import Engine
 
@@ -62,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 max_images=args.max_images, request_timeout_s=args.request_timeout, max_work=max_work,
                 read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     ServeOptions(args.host, args.port, **opts).check()  # before loading: a bad flag costs nothing
+    _check_layouts(cfg, "serve")
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
 
     def port_free() -> None:
@@ -99,6 +110,7 @@ def cmd_ray_generate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_logging(0)
     check_run(cfg)
+    check_layout_use(cfg.parallel, "ray-generate")
     run = dataclasses.replace(cfg, request=checked_request(cfg.request, cfg.limits))  # before reserving any actor
     check_outputs(cfg.output)
     res = ray_generate(run, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout)
@@ -151,6 +163,7 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts_file)
     check_run(cfg)
+    check_layout_use(cfg.parallel, "calibrate-cache")
     cfg.request = checked_request(dataclasses.replace(cfg.request, prompt=prompts[0]), cfg.limits)
     info = distributed.init(cfg.model.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
     on_rank0_then_all(info, lambda: check_outputs(extra=args.calib_output))

@@ -39,6 +39,8 @@ FLAGS: dict[str, tuple[str, type]] = {
     "--ulysses": ("parallel.ulysses", int),
     "--ring": ("parallel.ring", int),
     "--cfg-parallel": ("parallel.cfg_parallel", int),
+    "--replicas": ("parallel.replicas", int),  # serve and batch mode: groups, each its own request
+    "--layouts": ("parallel.layouts", str),  # serve: e.g. 8x1,4x2,2x4 (replicas x degree), chosen by load
     "--cache": ("cache.mode", str),
     "--cache-threshold": ("cache.threshold", float),
     "--cache-warmup-steps": ("cache.warmup_steps", int),

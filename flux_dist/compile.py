@@ -57,3 +57,12 @@ def compile_fns(fns: F, backend: str = "inductor", mode: str | None = None) -> F
     out = type(fns)(**{f.name: torch.compile(getattr(fns, f.name), **opts) for f in fields})
     log.info("compiled the step's %d regions outside the blocks (backend=%s, fullgraph)", len(fields), backend)
     return out
+
+
+def allow_variants(n: int) -> None:
+    """Let dynamo keep ``n`` compiled variants of each region (its default, 8, is one per shape; every layout
+    a server switches between compiles its own)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), n))

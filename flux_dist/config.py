@@ -63,6 +63,8 @@ class ParallelConfig:
     ulysses: int = 1
     ring: int = 1
     cfg_parallel: int = 1
+    replicas: int = 1  # groups of cfg x ring x ulysses ranks, each serving its own request (serve, batch)
+    layouts: str = ""  # serve: "RxD,..." (replicas x degree) kept at once, picked per request by the queue
 
 
 @dataclass
@@ -135,6 +137,7 @@ _KIND_NAMES = {Dtype: "dtype", DeviceKind: "device", QuantMode: "quantization", 
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.seed": (0, MAX_SEED), "request.seed": (0, MAX_SEED),
     "parallel.ulysses": (1, None), "parallel.ring": (1, None), "parallel.cfg_parallel": (1, None),
+    "parallel.replicas": (1, None),
     "limits.max_pixels": (1, None), "limits.max_steps": (1, None), "limits.max_references": (0, None),
     "limits.max_reference_pixels": (1, None),
     "dist.startup_timeout_s": (0.0, None), "dist.timeout_s": (0.0, None),

@@ -23,14 +23,16 @@ from . import distributed, faults, quant
 from .cache import make_cache, resolve_coefficients
 from .config import RequestConfig, RunConfig
 from .devices import parse_dtype, peak_memory_gib
+from .errors import FluxDistError
 from .graphs import GraphedStack
-from .models import adapter_for, attach_text_encoder, check_text_encoder
+from .layouts import multi_group, resolve_layouts
+from .models import adapter_for, attach_text_encoder, attention_heads, check_text_encoder
 from .models.lowmem_load import phase_memory
 from .models.source import load_model
 from .parallel import kernels
-from .parallel.attention import AttnContext
+from .parallel.attention import AttnContext, check_heads
 from .parallel.cfg import cfg_parallel_combine, guided, my_branches
-from .parallel.mesh import Mesh, ParallelDims
+from .parallel.mesh import Mesh, build_meshes
 from .parallel.sharding import ShardPlan, gather_image
 from .validation import RequestRules, check_cfg_parallel, check_device, check_run, sized
 
@@ -49,7 +51,12 @@ class Result:
 
 
 class Engine:
-    """One loaded, parallelized model on this rank."""
+    """One loaded, parallelized model on this rank.
+
+    ``meshes``: one per layout (``--layouts``; else the one layout, ``--replicas`` groups of the
+    configured degrees), every process group built at start; ``mesh`` is the layout in use, switched
+    between requests with ``use_layout`` (the attention context, the shard plans and the graphed stack follow).
+    """
 
     def __init__(self, cfg: RunConfig, dist_info: distributed.DistInfo | None = None) -> None:
         m = cfg.model
@@ -58,13 +65,26 @@ class Engine:
         self.dist = dist_info or distributed.init(m.device, cfg.dist.startup_timeout_s, cfg.dist.watchdog_s)
         dev = self.dist.device
         check_device(cfg, dev.type)
-        p = cfg.parallel
-        self.mesh = Mesh(ParallelDims(p.cfg_parallel, p.ring, p.ulysses), self.dist.rank, self.dist.world_size)
+        self.layouts = resolve_layouts(cfg.parallel, self.dist.world_size)
+        groups = multi_group(cfg.parallel)  # more than one group: each encodes its own prompts (no collective)
+        heads = attention_heads(m.model)
+        for lay in self.layouts if heads else []:  # before the load: a layout the heads cannot take
+            check_heads(heads, lay.ulysses, f" (layout {lay.name})" if groups else "")
+        if groups and m.text_encoder_placement not in ("auto", "every"):
+            raise FluxDistError(f"--text-encoder-placement {m.text_encoder_placement} shares the encoder across all "
+                                "ranks; with --replicas / --layouts every rank encodes its group's prompts: use every")
+        t_groups = time.perf_counter()
+        self.meshes = build_meshes(self.layouts, self.dist.rank, self.dist.world_size)
+        if groups:
+            log.info("layouts %s: process groups built in %.2f s", ", ".join(self.meshes),
+                     time.perf_counter() - t_groups)
+        self.mesh: Mesh = self.meshes[self.layouts[0].name]  # the widest
+        te_rank, te_world = (0, 1) if groups else (self.dist.rank, self.dist.world_size)
         if dev.type == "cpu":  # read by oneDNN at its first primitive; a user's own setting wins
             os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
         self.dtype = parse_dtype(m.dtype)
         self.quant = quant.resolve_mode(m.quant, dev)  # before the load: full presets quantize while built
-        check_text_encoder(m, dev, self.dist.world_size)
+        check_text_encoder(m, dev, te_world)
         if m.compile:
             compile_mod.enable_cache(m.compile_cache_dir)  # before anything asks inductor for its dir
         t0, self.memory = time.perf_counter(), {}
@@ -73,7 +93,7 @@ class Engine:
                                 text_encoder=False)
             self.quant = self.c.quant  # what the model runs (a directory saved quantized keeps its format)
             self.model = adapter_for(self.c, dev)
-            attach_text_encoder(self.model, m, dev, self.dtype, self.dist.rank, self.dist.world_size)
+            attach_text_encoder(self.model, m, dev, self.dtype, te_rank, te_world)
         self.true_cfg = self.model.true_cfg
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
         self.coefficients = resolve_coefficients(cfg.cache, self.model.teacache_coefficients, self.model.name)
@@ -82,23 +102,34 @@ class Engine:
         if m.quant not in ("none", "auto") and n_quant == 0:
             log.warning("*** --quant %s asked for, but NO linear is quantized: running %s ***", m.quant, m.dtype)
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)
-        self.ctx = AttnContext(self.mesh, kernel=kernel)
-        self.model.parallelize(self.ctx)  # parallelize (the fused / split linears exist from here on)
+        # parallelize (the fused / split linears exist from here on; the widest Ulysses takes every layout's)
+        self.ctx = AttnContext(max(self.meshes.values(), key=lambda mesh: mesh.dims.ulysses), kernel=kernel)
+        self.model.parallelize(self.ctx)
         for block in self.model.blocks():
             quant.set_fast_accum(block, m.fp8_fast_accum)
         self.lora = self.model.load_lora(m.lora, self.dtype)  # LoRA bank: every adapter, unmerged (maybe none)
         self.fns = self.model.step_fns
         if m.compile:  # compile: each block, and the step's work outside them (all a skipped cache step runs)
             compile_mod.compile_blocks(self.model.blocks(), m.compile_backend)
+            compile_mod.allow_variants(8 * len(self.layouts))  # each layout compiles its own, per shape
             self.fns = compile_mod.compile_fns(self.fns, m.compile_backend)
-        self.stack = GraphedStack(self.model.stack) if m.cuda_graphs else self.model.stack  # graphs
-        self._plans: OrderedDict[tuple[int, int, int], ShardPlan] = OrderedDict()
+        self._stacks: dict[str, Any] = {}  # graphs: captured per layout (and per shape)
+        self.use_layout(self.mesh.name)
+        self._plans: OrderedDict[tuple[int, ...], ShardPlan] = OrderedDict()
         self.load_s = time.perf_counter() - t0
         log.info("model %s: quant=%s (%d linears, %s activations), attention=%s, compile=%s, layout %s",
                  self.model.name, self.quant, n_quant, self.activations, kernel.label, m.compile, self.mesh.describe())
         if self.model.text_encoder_label == "random-embeddings":
             log.warning("model '%s' has no text encoder here: prompts become seeded random embeddings "
                         "(benchmark shapes, not images)", self.model.name)
+
+    def use_layout(self, name: str) -> Mesh:
+        """Run the next requests on layout ``name`` (call between requests, every rank together)."""
+        self.mesh = self.ctx.mesh = self.meshes[name]
+        if name not in self._stacks:
+            self._stacks[name] = GraphedStack(self.model.stack) if self.cfg.model.cuda_graphs else self.model.stack
+        self.stack = self._stacks[name]
+        return self.mesh
 
     def rules(self) -> RequestRules:
         """What this engine accepts (the loaded adapters' names, paths, ranks: ``self.lora.describe()``)."""
@@ -150,10 +181,10 @@ class Engine:
                                        plan.target_mask(s, dev))
         t["denoise"] = time.perf_counter()
 
-        # 5. gather; 6. decode (rank 0 decodes; the others only hold the latents).
+        # 5. gather; 6. decode (the group's first rank decodes; the others only hold the latents).
         with phase_memory(mem, "decode", dev):
             full = gather_image(x, plan, mesh.sp_group).contiguous()
-            image = self.decode(full, img_ids) if decode and self.dist.is_main else None
+            image = self.decode(full, img_ids) if decode and mesh.is_leader else None
         t["end"] = self._sync()
         return Result(full, image, self._metrics(req, plan, t, step_ms, cache, do_cfg, mem, ref_sizes))
 
@@ -215,11 +246,12 @@ class Engine:
 
     def plan(self, txt_len: int, img_len: int, ref_len: int = 0) -> ShardPlan:
         """One plan object per shape, so compiled blocks see the same object and never recompile."""
-        key = (txt_len, img_len, ref_len)
+        dims = self.mesh.dims
+        key = (txt_len, img_len, ref_len, dims.sp, dims.ulysses)
         if key in self._plans:
             self._plans.move_to_end(key)
         else:
-            self._plans[key] = ShardPlan(txt_len, img_len, self.mesh.dims.sp, self.mesh.dims.ulysses, ref_len)
+            self._plans[key] = ShardPlan(txt_len, img_len, dims.sp, dims.ulysses, ref_len)
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         return self._plans[key]

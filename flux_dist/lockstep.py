@@ -10,6 +10,10 @@ one job computed by every rank, one agreed outcome, and a stop that every rank t
   one ``all_reduce(MAX)`` of a small code per step gives every rank the same verdict at the same step,
   and every rank raises the same ``RequestStopped``.
 
+Each takes an optional ``team``: the ranks that run the job together (anything with ``group``, a process
+group, and ``ranks``, its global ranks, the first one leading: a ``Mesh`` of one replica group). None is
+every rank on the default group.
+
 Failure types: ``FatalError`` (the ranks can no longer be trusted to be in step: end the process),
 ``RequestStopped`` (the request was stopped on purpose, every rank at the same step; the ranks stay in
 step and serve on).
@@ -65,36 +69,44 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def broadcast(msg: tuple | None, device: torch.device) -> tuple:
-    """Rank 0's ``msg`` on every rank (``msg`` is ignored elsewhere)."""
-    if world_size() == 1:
+def _team(team: Any) -> tuple[Any, list[int]]:
+    """``(process group, global ranks)`` of a team; None: the default group, every rank."""
+    if team is None:
+        return None, list(range(world_size()))
+    return team.group, list(team.ranks)
+
+
+def broadcast(msg: tuple | None, device: torch.device, team: Any = None) -> tuple:
+    """The team leader's (rank 0's) ``msg`` on every rank of the team (``msg`` is ignored elsewhere)."""
+    group, ranks = _team(team)
+    if len(ranks) == 1:
         assert msg is not None
         return msg
     box = [msg]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    dist.broadcast_object_list(box, src=ranks[0], group=group, device=device if device.type == "cuda" else None)
     return box[0]
 
 
 Control = Callable[[int], None]
 
 
-def step_control(device: torch.device, check: Callable[[], str | None] | None) -> Control:
+def step_control(device: torch.device, check: Callable[[], str | None] | None, team: Any = None) -> Control:
     """``control(step)`` for ``Engine.generate``: call it on every rank, before every denoise step.
 
-    ``check()`` (rank 0's; None elsewhere) returns a ``STOP_REASONS`` entry or None. With more than one
-    process every call is one ``all_reduce(MAX)`` of one int32 on the default group, so every rank
+    ``check()`` (the leader's; None elsewhere) returns a ``STOP_REASONS`` entry or None. With more than one
+    process every call is one ``all_reduce(MAX)`` of one int32 on the team's group, so every rank
     reaches the same verdict at the same step and raises the same ``RequestStopped``. One process: no
     collective. A failed collective raises ``torch.distributed.DistError`` (``run_together`` makes it fatal).
     """
-    world = world_size()
-    flag = torch.zeros(1, dtype=torch.int32, device=device) if world > 1 else None
+    group, ranks = _team(team)
+    flag = torch.zeros(1, dtype=torch.int32, device=device) if len(ranks) > 1 else None
 
     def control(step: int) -> None:
         reason = check() if check is not None else None
         code = STOP_REASONS.index(reason) + 1 if reason else 0
         if flag is not None:
             flag.fill_(code)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             code = int(flag.item())
         if code:
             raise RequestStopped(STOP_REASONS[code - 1], step)
@@ -102,8 +114,9 @@ def step_control(device: torch.device, check: Callable[[], str | None] | None) -
     return control
 
 
-def run_together(engine: Any, requests: list[Any], control: Control | None = None) -> JobOutcome:
-    """Generate ``requests`` on every rank, then agree on the outcome (call on every rank, same requests).
+def run_together(engine: Any, requests: list[Any], control: Control | None = None, team: Any = None) -> JobOutcome:
+    """Generate ``requests`` on every rank (of the team), then agree on the outcome (call on every one of
+    them, same requests).
 
     An exception on one rank is caught there; the agreement makes it a failure of the job everywhere.
     ``RequestStopped`` (raised by ``control`` on every rank at the same step) is a stopped job, not a
@@ -124,20 +137,21 @@ def run_together(engine: Any, requests: list[Any], control: Control | None = Non
         err = e
         log.error("job failed on this rank: %s: %s", type(e).__name__, e)
     code = STOP_REASONS.index(stopped.reason) + 1 if stopped else 0
-    if world_size() == 1:
+    group, ranks = _team(team)
+    if len(ranks) == 1:
         failed, model_failed = err is not None, err is not None and not isinstance(err, FluxDistError)
-        errors = [f"rank 0: {err}"] if err is not None else []
+        errors = [f"rank {ranks[0]}: {err}"] if err is not None else []
     else:
         try:
             flags = torch.tensor([int(err is not None), int(err is not None and not isinstance(err, FluxDistError)),
                                   code], device=engine.dist.device, dtype=torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             failed, model_failed, code = (int(v) for v in flags.tolist())
             errors = []
             if failed:  # rare path: every rank knows it is taken, so this collective is matched too
-                gathered: list[Any] = [None] * world_size()
-                dist.all_gather_object(gathered, None if err is None else f"{type(err).__name__}: {err}")
-                errors = [f"rank {r}: {m}" for r, m in enumerate(gathered) if m is not None]
+                gathered: list[Any] = [None] * len(ranks)
+                dist.all_gather_object(gathered, None if err is None else f"{type(err).__name__}: {err}", group=group)
+                errors = [f"rank {r}: {m}" for r, m in zip(ranks, gathered, strict=True) if m is not None]
         except Exception as e:
             raise FatalError(f"the ranks could not agree on a job's outcome: {e}") from e
     if failed:

@@ -206,15 +206,16 @@ class Watchdog:
 _watchdog: Watchdog | None = None
 
 
-def _watchdog_store(timeout_s: float) -> tuple[dist.Store, str, int | None]:
-    """A client of its own on the process group's rendezvous store (its own socket: a beat never waits
-    behind other traffic), the store's address, and the rank that hosts it (None: torchrun's agent)."""
+def store_client(name: str, timeout_s: float) -> tuple[dist.Store, str, int | None]:
+    """A client of its own on the process group's rendezvous store (its own socket: a call never waits
+    behind another thread's), under the prefix ``flux_dist/NAME/<restart>/``; the store's address, and
+    the rank that hosts it (None: torchrun's agent). Also the serving mailbox's (``server/replicas.py``)."""
     base = dist.distributed_c10d._get_default_store()
     s = base
     while not isinstance(s, dist.TCPStore) and hasattr(s, "underlying_store"):
         s = s.underlying_store
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    prefix = f"flux_dist/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    prefix = f"flux_dist/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     if isinstance(s, dist.TCPStore):
         client = dist.TCPStore(s.host, s.port, is_master=False, wait_for_workers=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
@@ -231,7 +232,7 @@ def start_watchdog(window_s: float) -> Watchdog | None:
         from .errors import FluxDistError
 
         raise FluxDistError(f"dist.watchdog_s must be a positive number of seconds (0: off), got {window_s!r}")
-    store, where, host = _watchdog_store(max(2.0, min(10.0, window_s / 2)))
+    store, where, host = store_client("watchdog", max(2.0, min(10.0, window_s / 2)))
     _watchdog = Watchdog(store, dist.get_rank(), dist.get_world_size(), window_s, store_where=where,
                          store_host_rank=host).start()
     return _watchdog

@@ -149,15 +149,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def server_with_cli_image(d: Path, args: list[str], prompt: str, seed: int) -> Iterator[Server]:
-    """A torchrun server (2 ranks, the tiny config at SMALL, plus ``args``) and, made beside it by one
+def server_with_cli_image(d: Path, args: list[str], prompt: str, seed: int, world: int = 2) -> Iterator[Server]:
+    """A torchrun server (``world`` ranks, the tiny config at SMALL, plus ``args``) and, made beside it by one
     ``flux-dist generate`` process (Ulysses 1: the layout must not change the image either), the CLI's
     image for ``prompt`` / ``seed`` at ``server.cli_png``."""
     cli = subprocess.Popen(
         [sys.executable, "-m", "flux_dist", "generate", "--config", "configs/tiny.yaml", *SMALL, "--ulysses", "1",
          "--prompt", prompt, "--seed", str(seed), "--output", str(d / "cli.png"), "--metrics", ""],
         cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(d / "cli.log", "wb"))  # noqa: SIM115
-    s = Server(["--config", "configs/tiny.yaml", *SMALL, *args], log_path=d / "server.log")
+    s = Server(["--config", "configs/tiny.yaml", *SMALL, *args], world=world, log_path=d / "server.log")
     try:
         s.wait_ready()
         assert cli.wait(timeout=240) == 0, (d / "cli.log").read_text()[-3000:]

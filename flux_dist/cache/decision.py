@@ -5,7 +5,8 @@ threshold; ranks that disagree run different collectives and hang. Here every ra
 shard's two sums (padding excluded) to one all-gather of ``2 x world`` numbers; every rank then
 adds the sums of the first cfg group's shards in the same fixed order, in float64, and reaches the
 same boolean bit for bit — one small collective per step, across the ``cfg`` axis too, so both
-guidance branches skip together (each keeps its own cached residual).
+guidance branches skip together (each keeps its own cached residual). The collective is over the rank's
+replica group (``mesh.group``: every rank when there is one group).
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ class SharedDecision:
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        # Signals are taken from cfg rank 0's group (global ranks 0 .. sp-1, cfg is the outer axis).
+        # Signals are taken from cfg rank 0's group (group ranks 0 .. sp-1, cfg is the outer axis).
         self.sources = list(range(mesh.dims.sp))
 
     def ratio(self, local: torch.Tensor) -> float:
         """``local``: this rank's ``[numerator, denominator]`` (float64); the result is the same on every rank."""
-        if self.mesh.world_size == 1:
+        size = self.mesh.dims.world
+        if size == 1:
             table = local[None]
         else:
-            table = all_gather(local, 0, dist.group.WORLD).view(self.mesh.world_size, 2)
+            table = all_gather(local, 0, self.mesh.group or dist.group.WORLD).view(size, 2)
         rows = table.cpu().tolist()  # the one host sync per step: the boolean needs it
         n = sum(rows[r][0] for r in self.sources)
         d = sum(rows[r][1] for r in self.sources)

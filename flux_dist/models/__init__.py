@@ -53,3 +53,23 @@ def attach_text_encoder(adapter: Any, m: ModelConfig, device: torch.device, dtyp
     adapter.prompt_encoder = build_prompt_encoder(
         m.model, c.family, placement=m.text_encoder_placement, device=device, dtype=dtype, rank=rank, world=world,
         seed=m.seed, cache_mb=m.prompt_cache_mb, quant=m.text_encoder_quant, whole=whole, tokenizer=c.tokenizer)
+
+
+def attention_heads(model: str) -> int | None:
+    """The transformer's attention heads, read before loading (a preset's config, or a directory's
+    ``transformer/config.json``); None when unknown here (loading then checks)."""
+    import json
+
+    from .full import FULL_TRANSFORMER_CONFIGS
+    from .tiny import TINY_HEADS
+
+    if model in ("flux2-tiny", "flux2-klein-tiny"):
+        return TINY_HEADS
+    if model in FULL_TRANSFORMER_CONFIGS:
+        return FULL_TRANSFORMER_CONFIGS[model]["num_attention_heads"]
+    try:
+        with open(os.path.join(model, "transformer", "config.json"), encoding="utf-8") as f:
+            heads = json.load(f).get("num_attention_heads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and heads > 0 else None

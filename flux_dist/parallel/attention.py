@@ -48,9 +48,9 @@ class AttnContext:
         return self.key_idx[block] if self.key_idx else None
 
 
-def check_heads(heads: int, ulysses: int) -> None:
+def check_heads(heads: int, ulysses: int, where: str = "") -> None:
     if heads % ulysses:
-        raise FluxDistError(f"attention heads ({heads}) are not divisible by --ulysses {ulysses}")
+        raise FluxDistError(f"attention heads ({heads}) are not divisible by --ulysses {ulysses}{where}")
 
 
 def _a2a(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

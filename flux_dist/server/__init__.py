@@ -1,4 +1,5 @@
-"""HTTP serving: rank 0 answers HTTP, every rank runs the same serving loop.
+"""HTTP serving: rank 0 answers HTTP, every rank runs the same serving loop (``loop.py``; with replica
+groups, ``replicas.py``: rank 0 hands each job to a free group).
 
 ``serve(cfg, engine, host, port, ...)`` is the one entry point; torchrun (``flux-dist serve``), a
 Slurm job or a Ray actor calls it on every rank once the engine is loaded, and it returns the
@@ -120,7 +121,12 @@ def serve_jobs(cfg: RunConfig, engine: Any, jobs: JobQueue | None, *, err: str |
         hooks = LoopHooks(on_ready=jobs.mark_ready, on_fatal=jobs.mark_down)
     code = 1
     try:
-        code = serve_loop(engine, jobs, stop, heartbeat_s=hb, hooks=hooks)
+        if len(engine.layouts) > 1 or engine.layouts[0].replicas > 1:  # replica groups (--replicas, --layouts)
+            from .replicas import serve_groups
+
+            code = serve_groups(engine, jobs, stop, heartbeat_s=hb, hooks=hooks)
+        else:  # one group of every rank: rank 0 broadcasts each job
+            code = serve_loop(engine, jobs, stop, heartbeat_s=hb, hooks=hooks)
     finally:
         if jobs is not None:
             jobs.mark_down("shutting down" if code == 0 else "a rank failed")

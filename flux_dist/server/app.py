@@ -288,7 +288,9 @@ def create_app(opts: ServeOptions, validator: RequestValidator, jobs: JobQueue, 
                 total_s=round(time.perf_counter() - arrived, 4),
                 images=[ImageTimings(**{k: m[k] for k in ("text_encode_s", "denoise_s", "decode_s", "total_s")
                                         if k in m}, cache_skipped_steps=int(m.get("cache_skipped_steps", 0) or 0))
-                        for m in ms]),
+                        for m in ms],
+                replica=job.replica, layout=job.layout or None, start=round(job.start, 4) or None,
+                end=round(job.end, 4) or None),
             layout=ms[0].get("layout") if ms else None)
         return JSONResponse(reply.model_dump())
 

@@ -38,6 +38,12 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     client_gone: threading.Event = field(default_factory=threading.Event)
+    # Where and when it ran (the reply's timings): the replica group, the layout (REPLICASxDEGREE), and the
+    # Unix times its compute started and ended.
+    replica: int = 0
+    layout: str = ""
+    start: float = 0.0
+    end: float = 0.0
 
     def stop_reason(self, stopping: threading.Event) -> str | None:
         """Why the running job should stop now (rank 0 asks before every denoise step), or None."""

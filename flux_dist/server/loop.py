@@ -139,6 +139,7 @@ def serve_loop(
             # Rank 0 decides whether to stop (deadline, client gone, stop signal); every rank takes the verdict at
             # the same step.
             check = functools.partial(job.stop_reason, stop.event) if job is not None else None
+            start = time.time()
             try:
                 outcome = run_together(engine, requests, control=step_control(dev, check))
             except FatalError as e:
@@ -146,6 +147,7 @@ def serve_loop(
                     job.future.set_exception(e)
                 raise
             if job is not None:
+                job.layout, job.start, job.end = engine.mesh.name, start, time.time()
                 hooks.on_done(job, outcome)
                 job.future.set_result(outcome)
     except Exception as e:  # noqa: BLE001 - a broken process group ends the server on every rank

@@ -84,6 +84,10 @@ class Timings(BaseModel):
     compute_s: float
     total_s: float
     images: list[ImageTimings]
+    replica: int | None = Field(None, description="the replica group that computed it (0..replicas-1)")
+    layout: str | None = Field(None, description="the layout it ran on: REPLICASxDEGREE, e.g. 2x4")
+    start: float | None = Field(None, description="Unix seconds: its compute started")
+    end: float | None = Field(None, description="Unix seconds: its compute ended")
 
 
 class ImagesResponse(BaseModel):
