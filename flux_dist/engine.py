@@ -98,7 +98,7 @@ class Engine:
         check_cfg_parallel(self.mesh.dims.cfg, self.true_cfg, self.model.name)
         self.coefficients = resolve_coefficients(cfg.cache, self.model.teacache_coefficients, self.model.name)
         n_quant = self.model.quantize(self.quant)  # what the load did not (already quantized layers are counted)
-        self.activations = quant.activation_scaling(self.model.tr)  # static (calibrated input_scale) / dynamic
+        self.activations = quant.activation_scaling(self.model.blocks())  # static (calibrated input_scale) / dynamic
         if m.quant not in ("none", "auto") and n_quant == 0:
             log.warning("*** --quant %s asked for, but NO linear is quantized: running %s ***", m.quant, m.dtype)
         kernel = kernels.resolve(m.attention, m.attention_fp8, dev, self.dtype)

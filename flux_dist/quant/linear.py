@@ -195,9 +195,10 @@ def set_input_scale(lin: QuantLinear, scale: torch.Tensor | None) -> None:
     lin.input_scale = None if scale is None else scale.detach().float().reshape(()).to(lin.weight_q.device)
 
 
-def activation_scaling(module: nn.Module) -> str:
-    """How ``module``'s quantized linears scale activations: static, dynamic, mixed, or none (none quantized)."""
-    kinds = {"static" if m.input_scale is not None else "dynamic" for m in module.modules()
+def activation_scaling(modules: nn.Module | Iterable[nn.Module]) -> str:
+    """How the quantized linears in ``modules`` scale activations: static, dynamic, mixed, or none (none quantized)."""
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    kinds = {"static" if m.input_scale is not None else "dynamic" for r in roots for m in r.modules()
              if isinstance(m, QuantLinear)}
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
