@@ -39,6 +39,7 @@ from flux_dist.engine import Engine  # noqa: E402
 from flux_dist.lora import LoraLinear  # noqa: E402
 
 MODE = "full"
+PROFILE = bool(os.environ.get("LORA_PROFILE"))  # also one pass of each engine under the profiler
 RANK, H, W, TXT = 64, 1024, 1024, 512
 BLOCK_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
@@ -141,6 +142,10 @@ def variant(rows: dict, name: str, files: dict[str, str], rep: int) -> None:
             rows[key] = timed(fn, rep)
             log(f"{key:24s} {rows[key]['median_ms']:8.2f} ms")
     rows[f"{name}/recompiles"] = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    if PROFILE and MODE != "smoke":  # where the bank's time goes: every kernel of one pass, by name
+        from bench.gemm.profile_pass import account
+
+        rows[f"{name}/profile"] = account(fns[0], top_n=400)
     rows[f"{name}/peak_gib"] = 0.0 if MODE == "smoke" else torch.cuda.max_memory_allocated() / 2**30
     del eng, fns
     LoraLinear.impl = "inplace"
@@ -218,7 +223,33 @@ def table(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def diff(path: str, a: str = "none", b: str = "one", n: int = 25) -> str:
+    """Kernels of one profiled pass of ``b`` against ``a`` (``LORA_PROFILE=1`` rows): class totals and the ``n``
+    kernel names whose time grew most (ms, launches)."""
+    with open(path) as f:
+        rows = json.load(f)
+    pa, pb = rows.get(f"{a}/profile", {}), rows.get(f"{b}/profile", {})
+    if "by_class_ms" not in pa or "by_class_ms" not in pb:
+        return f"no profiles of {a} and {b} in {path}"
+    out = [f"| {b} vs {a} | {a} ms | {b} ms | delta |", "| --- | --- | --- | --- |"]
+    for k in ("span_ms", "busy_ms", "idle_ms"):
+        out.append(f"| {k} | {pa[k]:.2f} | {pb[k]:.2f} | {pb[k] - pa[k]:+.2f} |")
+    for c in sorted(set(pa["by_class_ms"]) | set(pb["by_class_ms"])):
+        x, y = pa["by_class_ms"].get(c, 0.0), pb["by_class_ms"].get(c, 0.0)
+        out.append(f"| class {c} | {x:.2f} | {y:.2f} | {y - x:+.2f} |")
+    ka, kb = pa["top_kernels_ms"], pb["top_kernels_ms"]
+    grew = sorted(set(ka) | set(kb), key=lambda k: -(kb.get(k, [0, 0])[0] - ka.get(k, [0, 0])[0]))
+    out += ["", "| kernel | " + a + " ms (n) | " + b + " ms (n) | delta |", "| --- | --- | --- | --- |"]
+    for k in grew[:n]:
+        x, y = ka.get(k, [0.0, 0]), kb.get(k, [0.0, 0])
+        out.append(f"| `{k}` | {x[0]:.2f} ({x[1]}) | {y[0]:.2f} ({y[1]}) | {y[0] - x[0]:+.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--diff":
+        print(diff(*sys.argv[2:]))
+        sys.exit(0)
     if sys.argv[1] == "--table":
         print(table([p for a in sys.argv[2:] for p in sorted(glob.glob(a))]))
         sys.exit(0)

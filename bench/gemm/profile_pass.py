@@ -55,8 +55,9 @@ def classify(name: str) -> str:
     return next(c for c, keys in CLASSES if any(k.lower() in low for k in keys))
 
 
-def account(fn) -> dict:
-    """One call of ``fn`` under the profiler: device time by kernel class, idle time, the top kernels."""
+def account(fn, top_n: int = 12) -> dict:
+    """One call of ``fn`` under the profiler: device time by kernel class, idle time, the ``top_n`` kernels (name:
+    [ms, launches])."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -70,11 +71,13 @@ def account(fn) -> dict:
     if not events:
         return {"error": "the profiler recorded no kernels"}
     by: dict[str, float] = {}
-    top: dict[str, float] = {}
+    top: dict[str, list] = {}
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
     for e in events:
         by[classify(e["name"])] = by.get(classify(e["name"]), 0.0) + e["dur"] / 1e3
-        top[e["name"][:90]] = top.get(e["name"][:90], 0.0) + e["dur"] / 1e3
+        k = top.setdefault(e["name"][:90], [0.0, 0])
+        k[0] += e["dur"] / 1e3
+        k[1] += 1
     busy, end = 0.0, spans[0][0]
     for s, t in spans:  # the union of the kernel intervals
         if t > end:
@@ -83,7 +86,8 @@ def account(fn) -> dict:
     span_ms = (spans[-1][1] - spans[0][0]) / 1e3
     return {"span_ms": span_ms, "busy_ms": busy / 1e3, "idle_ms": span_ms - busy / 1e3, "kernels": len(events),
             "by_class_ms": {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+            "top_kernels_ms": {k: [round(v[0], 3), v[1]]
+                               for k, v in sorted(top.items(), key=lambda kv: -kv[1][0])[:top_n]}}
 
 
 def left(budget: float, need: float) -> bool:
