@@ -223,7 +223,7 @@ def table(paths: list[str]) -> str:
     return "\n".join(out)
 
 
-def diff(path: str, a: str = "none", b: str = "one", n: int = 25) -> str:
+def diff(path: str, a: str = "none", b: str = "one", n: int | str = 25) -> str:
     """Kernels of one profiled pass of ``b`` against ``a`` (``LORA_PROFILE=1`` rows): class totals and the ``n``
     kernel names whose time grew most (ms, launches)."""
     with open(path) as f:
@@ -240,7 +240,7 @@ def diff(path: str, a: str = "none", b: str = "one", n: int = 25) -> str:
     ka, kb = pa["top_kernels_ms"], pb["top_kernels_ms"]
     grew = sorted(set(ka) | set(kb), key=lambda k: -(kb.get(k, [0, 0])[0] - ka.get(k, [0, 0])[0]))
     out += ["", "| kernel | " + a + " ms (n) | " + b + " ms (n) | delta |", "| --- | --- | --- | --- |"]
-    for k in grew[:n]:
+    for k in grew[:int(n)]:
         x, y = ka.get(k, [0.0, 0]), kb.get(k, [0.0, 0])
         out.append(f"| `{k}` | {x[0]:.2f} ({x[1]}) | {y[0]:.2f} ({y[1]}) | {y[0] - x[0]:+.2f} |")
     return "\n".join(out)

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 
-REQUESTS, CLIENTS, STEPS, SIZE = 16, 4, 20, 512
+REQUESTS, CLIENTS, STEPS, SIZE = 12, 4, 20, 512
 MODEL = """  model: flux2-dev
   dtype: bfloat16
   device: cuda

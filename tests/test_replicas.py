@@ -3,7 +3,8 @@
 Config errors without processes; then ONE 4-rank torchrun server (``--layouts 1x4,2x2``, the tiny preset at
 64x64, 2 steps) for: a lone request on all ranks, a burst over two replicas with overlapping compute, images
 equal to a one-process CLI image, a 200-request mixed load with every request answered and counted; batch
-mode with ``--replicas 2`` on 4 ranks; and last, a stopped rank of group 1 ending the whole job.
+mode with ``--replicas 2``; and last a second server, ``--replicas 2 --ulysses 2`` as the issue words it:
+overlapping compute, the CLI's image, then a stopped rank of group 1 ending the whole job.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import yaml
-from server_utils import ROOT, SMALL, call, decode_png, env, read_png, server_with_cli_image
+from server_utils import ROOT, SMALL, Server, call, decode_png, env, read_png, server_with_cli_image
 
 from flux_dist.cli import build_parser, config_from_args
 from flux_dist.config import ParallelConfig
@@ -212,13 +213,32 @@ def test_batch_mode_spreads_lines_over_replicas_in_order(server, tmp_path):
         assert np.abs(read_png(out / f) - read_png(server.cli_png)).max() <= 1
 
 
-def test_stopped_rank_in_group_1_ends_the_whole_job(server):
-    """SIGSTOP rank 2 (group 1's leader under 2x2; a member under 1x4): the watchdog across every group ends
-    every rank within 60 s, naming it."""
-    t0 = time.monotonic()
-    os.kill(server.rank_pid(2), signal.SIGSTOP)
-    codes = server.wait(60)
-    took = time.monotonic() - t0
-    assert all(c not in (0, None) for c in codes), (codes, server.log())
-    assert took < 60, took
-    assert "flux-dist: error: rank 2 stopped answering" in server.log(), server.log()
+def test_replicas_2_ulysses_2_overlap_then_a_stopped_rank_in_group_1_ends_the_job(server, tmp_path):
+    """The issue's own wording, its own 4-rank server: ``serve --replicas 2 --ulysses 2``. Two requests compute at
+    the same time on groups 0 and 1, each the CLI's image; then SIGSTOP rank 2 (group 1's leader): the watchdog
+    across the groups ends every rank within 60 s, naming it."""
+    s = Server(["--config", str(server.cli_png.parent / "tiny.yaml"), *SMALL, "--replicas", "2", "--ulysses", "2"],
+               world=4, log_path=tmp_path / "server.log")
+    try:
+        s.wait_ready()
+        s.cli_png = server.cli_png
+        for _ in range(3):  # overlap needs both groups busy at once: a pair of 4 concurrent requests, retried
+            with ThreadPoolExecutor(4) as ex:
+                out = list(ex.map(lambda i: _post(s.port, {**GOOD, "seed": 7}), range(4)))
+            assert all(code == 200 for code, _ in out), out
+            timings = [r["timings"] for _, r in out]
+            if _overlapping(timings):
+                break
+        assert _overlapping(timings), timings
+        for _, r in out:
+            assert r["layout"]["ulysses"] == 2
+            _same_as_cli(s, r)
+        t0 = time.monotonic()
+        os.kill(s.rank_pid(2), signal.SIGSTOP)
+        codes = s.wait(60)
+        took = time.monotonic() - t0
+        assert all(c not in (0, None) for c in codes), (codes, s.log())
+        assert took < 60, took
+        assert "flux-dist: error: rank 2 stopped answering" in s.log(), s.log()
+    finally:
+        s.stop()
