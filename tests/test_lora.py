@@ -422,3 +422,63 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_swiglu_fp8_kernel_in_the_triton_interpreter():
+    """``quant.swiglu.swiglu_fp8``'s CUDA kernel (SwiGLU + per-token FP8 scales, with and without a rank-R correction
+    on its input and a rank-R2 projection of its output), run by Triton's CPU interpreter against the torch path:
+    odd sizes (masks), a column offset, several column tiles. The interpreter's float8 conversion is not the
+    hardware's, so the kernel writes the values before the E4M3 rounding (float32) and torch rounds both."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+import flux_dist.quant.swiglu_kernel as K
+from flux_dist.quant.swiglu import swiglu_fp8_reference
+K.N_PLAIN, K.N_DOT = 64, 32
+g = torch.Generator().manual_seed(0)
+M, F, R, R2, col = 37, 100, 5, 7, 24
+y = torch.randn(M, col + 2 * F + 3, generator=g)
+h, b = torch.randn(M, R, generator=g) * 0.3, torch.randn(2 * F, R, generator=g) * 0.3
+a = torch.randn(R2, F, generator=g)
+for args in ((None, None, None), (h, b, None), (h, b, a), (None, None, a)):
+    q0, s0, p0 = swiglu_fp8_reference(y, col, F, *args)
+    q1, s1, p1 = K.swiglu_fp8_cuda(y, col, F, *args, dot_f32=True, q_dtype=torch.float32)
+    assert torch.allclose(s0, s1, rtol=1e-6, atol=0), args
+    assert torch.equal(q0.float(), q1.to(torch.float8_e4m3fn).float())
+    assert p0.shape == p1.shape and torch.allclose(p0, p1, atol=1e-4)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_fused_swiglu_fp8_path_equals_the_compiled_path(loras):
+    """The single blocks' MLP half through ``swiglu_fp8`` (FP8 emulated, a LoRA bank on the in-projection and on
+    to_out) gives the image of the unfused path: the op runs (counted) and the latents are equal."""
+    from flux_dist.models.flux2 import attention
+
+    calls = []
+    orig = attention.swiglu_fp8
+
+    def counted(*args):
+        calls.append(1)
+        return orig(*args)
+
+    out = {}
+    try:
+        attention.swiglu_fp8 = counted
+        for fused in (True, False):
+            attention.FUSED_SWIGLU_FP8 = fused
+            eng = Engine(make_cfg("flux2-tiny", loras["flux2-tiny"], quant="fp8-emulate", **EVEN))
+            out[fused] = eng.generate(dataclasses.replace(eng.cfg.request, lora={"a": 0.7, "b": -0.4}),
+                                      decode=False).latents
+            if fused:
+                assert len(calls) == len(eng.model.tr.single_transformer_blocks) * eng.cfg.request.steps
+    finally:
+        attention.swiglu_fp8, attention.FUSED_SWIGLU_FP8 = orig, True
+    assert rel(out[True], out[False]) < 1e-6
