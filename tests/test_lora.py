@@ -463,7 +463,7 @@ def test_fused_swiglu_fp8_path_equals_the_compiled_path(loras):
     from flux_dist.models.flux2 import attention
 
     calls = []
-    orig = attention.swiglu_fp8
+    orig, default = attention.swiglu_fp8, attention.FUSED_SWIGLU_FP8
 
     def counted(*args):
         calls.append(1)
@@ -480,5 +480,5 @@ def test_fused_swiglu_fp8_path_equals_the_compiled_path(loras):
             if fused:
                 assert len(calls) == len(eng.model.tr.single_transformer_blocks) * eng.cfg.request.steps
     finally:
-        attention.swiglu_fp8, attention.FUSED_SWIGLU_FP8 = orig, True
+        attention.swiglu_fp8, attention.FUSED_SWIGLU_FP8 = orig, default
     assert rel(out[True], out[False]) < 1e-6
