@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 ROWS_PLAIN, ROWS_DOT, N_PLAIN, N_DOT = 2, 16, 1024, 128
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # a global a jit function reads must be a constexpr
 
 
 @triton.jit

@@ -47,6 +47,9 @@ class ServeArgs(BaseModel):
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(2.0, gt=0, description="per replica (one computing, one waiting)")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Serve's: load above target this long adds replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Serve's: load below target this long removes them")
+    look_back_period_s: float = Field(30.0, gt=0, description="Serve's: the window the load is averaged over")
     max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_queue + 1")
     health_check_period_s: float = Field(5.0, gt=0)
     start_timeout_s: float = Field(1800.0, gt=0, description="loading and compiling, per replica")
@@ -111,7 +114,8 @@ def build(args: dict | ServeArgs | None = None) -> Any:
     cfg = replace(cfg, model=replace(cfg.model, device=device))
     bundle = rank_bundle(device)
     autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                   "target_ongoing_requests": a.target_ongoing_requests}
+                   "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+                   "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
     if a.initial_replicas is not None:
         autoscaling["initial_replicas"] = a.initial_replicas
     from .replica import FluxDist
