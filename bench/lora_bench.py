@@ -166,11 +166,7 @@ def _commit() -> str:
 
 @torch.inference_mode()
 def main(out: str, variants: list[str]) -> None:
-    from flux_dist.models.flux2 import attention
-
-    attention.FUSED_SWIGLU_FP8 = os.environ.get("FUSED_SWIGLU_FP8", "1") != "0"  # issue 17: the fused MLP half or not
     rows: dict = {"rank": RANK, "size": f"{W}x{H}", "cuda_graphs": MODE == "full", "mode": MODE,
-                  "fused_swiglu_fp8": attention.FUSED_SWIGLU_FP8,
                   "device": "cpu" if MODE == "smoke" else torch.cuda.get_device_name(),
                   "commit": _commit()}
     rep = 3 if MODE != "full" else 10

@@ -138,37 +138,51 @@ def test_replica_whose_rank_dies_is_replaced(app):
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(app):
-    """Last (it redeploys the app): min 1, max 2 replicas, a target of 1 request per replica and short delays. A
-    steady load of 4 concurrent clients takes Serve from 1 running replica to 2; once the load stops it goes back
-    to 1, and the remaining replica answers with the torchrun image."""
+    """Last (it redeploys the app): min 1, max 2 replicas, a target of 1 request per replica, a short upscale delay
+    and a downscale delay longer than a replica's start. Four clients sending without pause take Serve from 1
+    running replica to 2 (every request answered); once they stop it goes back to 1, which answers with the
+    torchrun image."""
+    import threading
+
     serve = _serve()
     from flux_dist.serve_ray import build
 
     port, ref = app
     args = {**_args(), "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 1,
-            "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "look_back_period_s": 2.0}
+            "upscale_delay_s": 1.0, "downscale_delay_s": 15.0, "look_back_period_s": 2.0}
     serve.run(build(args), name="flux", route_prefix="/")
 
     def states() -> dict:
         got = serve.status().applications["flux"].deployments["FluxDist"].replica_states
         return {getattr(k, "value", str(k)): v for k, v in got.items() if v}
 
-    def wait_for(n: int, limit: float, load: bool) -> float:
-        """Seconds until exactly ``n`` replicas run and none starts or stops (with ``load``: 4 requests at a time)."""
+    def wait_for(n: int, limit: float) -> float:
+        """Seconds until exactly ``n`` replicas run and none starts or stops."""
         t0 = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            while time.monotonic() - t0 < limit:
-                if load:
-                    codes = [f.result()[0] for f in [pool.submit(_generate, port, *PROMPTS[0]) for _ in range(4)]]
-                    assert all(c == 200 for c in codes), codes
-                if states() == {"RUNNING": n}:
-                    return time.monotonic() - t0
-                time.sleep(0.5)
+        while time.monotonic() - t0 < limit:
+            if states() == {"RUNNING": n}:
+                return time.monotonic() - t0
+            time.sleep(0.5)
         pytest.fail(f"not {n} running replicas within {limit} s: {states()}")
 
-    wait_for(1, 120, load=False)
-    up = wait_for(2, 240, load=True)
-    down = wait_for(1, 120, load=False)
+    wait_for(1, 120)
+    stop, codes = threading.Event(), []
+
+    def client() -> None:
+        while not stop.is_set():
+            codes.append(_generate(port, *PROMPTS[0])[0])
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        up = wait_for(2, 240)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=180)
+    assert codes and all(c == 200 for c in codes), codes
+    down = wait_for(1, 120)
     code, _, body = _generate(port, *PROMPTS[0])
     assert code == 200 and np.array_equal(decode_png(body["data"][0]["b64_json"]), read_png(ref / "00000.png"))
-    print(f"autoscaling: 1 -> 2 replicas in {up:.0f} s under load, 2 -> 1 in {down:.0f} s idle")
+    print(f"autoscaling: 1 -> 2 replicas in {up:.0f} s under load ({len(codes)} requests), 2 -> 1 in {down:.0f} s")

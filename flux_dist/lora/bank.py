@@ -85,11 +85,6 @@ class LoraLinear(nn.Module):
         h = F.linear(x.to(self.lora_a.dtype), self.lora_a)
         return (h.unflatten(-1, (self.slots, -1)) * self.lora_scales[:, None]).flatten(-2).to(self.lora_b.dtype)
 
-    def scale_h(self, raw: torch.Tensor) -> torch.Tensor:
-        """``project``'s per-slot scales on ``raw = A x`` computed elsewhere (e.g. inside the kernel that makes
-        ``x``): ``h`` in ``B``'s dtype."""
-        return (raw.unflatten(-1, (self.slots, -1)) * self.lora_scales[:, None]).flatten(-2).to(self.lora_b.dtype)
-
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(base(x), h)``: the base output without the delta, and the rank-space activations."""
         return self.base(x), self.project(x)

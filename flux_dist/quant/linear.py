@@ -88,24 +88,6 @@ class QuantLinear(nn.Module):
             y = (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    @property
-    def takes_fp8_rows(self) -> bool:
-        """Whether ``forward_fp8`` applies: FP8 (or its emulation) with per-token activation scales."""
-        return self.mode in ("fp8", "fp8-emulate") and self.input_scale is None
-
-    def forward_fp8(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """The GEMM of ``forward`` on an activation already quantized per token elsewhere (2-D ``xq`` E4M3, ``xs``
-        ``[rows, 1]``: what ``quantize_fp8_rowwise`` gives; e.g. by a kernel that makes the activation,
-        ``swiglu.swiglu_fp8``)."""
-        if not self.takes_fp8_rows:
-            raise FluxDistError(f"forward_fp8 needs FP8 with per-token activation scales; this linear is {self.mode}"
-                                + (" with a static input scale" if self.input_scale is not None else ""))
-        if self.mode == "fp8":
-            return torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias,
-                                    out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
-        y = dequantize_fp8(xq, xs) @ dequantize_fp8(self.weight_q, self.weight_scale.reshape(-1, 1)).t()
-        return (y if self.bias is None else y + self.bias.float()).to(self.out_dtype)
-
     def _nvfp4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """Blackwell path: FP4 x FP4 with swizzled E4M3 block scales; the two global scales after."""
         xp, xbs, xg = quantize_nvfp4(x2, per_row=True, global_scale=self.input_scale)

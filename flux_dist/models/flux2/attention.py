@@ -19,7 +19,6 @@ from diffusers.models.transformers.transformer_flux2 import (
 from ...lora import LoraLinear
 from ...parallel.attention import AttnContext, check_heads, sp_attend, sp_attention, sp_send, sp_wait
 from ...quant import QuantLinear, concat_linears, slice_linear
-from ...quant.swiglu import swiglu_fp8
 
 
 class DoubleStreamAttnProcessor:
@@ -81,23 +80,13 @@ class SingleStreamAttnProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
             pending = sp_send(q, k, v, self.ctx)
-            if _fp8_mlp(attn):  # the larger GEMMs, while q/k/v travel
-                lin = split["mlp"]
-                y = _mlp_half(attn, lin, *(lin.parts(hidden_states) if _fused(lin) else (lin(hidden_states), None)), 0)
-                sent = sp_attend(pending, self.ctx)
-            else:
-                mlp = _swiglu(split["mlp"], hidden_states, attn.mlp_act_fn)
-                sent = sp_attend(pending, self.ctx)
-                y = attn.fd_out["mlp"](mlp)  # the MLP's columns of to_out, while the attention output travels
+            mlp = _swiglu(split["mlp"], hidden_states, attn.mlp_act_fn)  # the larger GEMM, while q/k/v travel
+            sent = sp_attend(pending, self.ctx)
+            y = attn.fd_out["mlp"](mlp)  # the MLP's columns of to_out, while the attention output travels
             out = sp_wait(sent, self.ctx).flatten(2, 3).to(q.dtype)
             return attn.fd_out["attn"](out) + y
         lin, n_qkv = attn.to_qkv_mlp_proj, 3 * attn.inner_dim
-        fp8 = _fp8_mlp(attn)
-        if fp8:  # the MLP half of to_out from the projection's output, through the fused SwiGLU + FP8 quantization
-            y, h = lin.parts(hidden_states) if _fused(lin) else (lin(hidden_states), None)
-            qkv = (lin.add_(y, h, 0, n_qkv) if h is not None else y)[..., :n_qkv]
-            mlp = _mlp_half(attn, lin, y, h, n_qkv)
-        elif _fused(lin):  # the delta of the q/k/v columns in place, the MLP's inside its SwiGLU
+        if _fused(lin):  # the delta of the q/k/v columns in place, the MLP's inside its SwiGLU
             y, h = lin.parts(hidden_states)
             qkv, mlp = lin.add_(y, h, 0, n_qkv)[..., :n_qkv], lin.swiglu(y, h, n_qkv)
         else:
@@ -107,8 +96,6 @@ class SingleStreamAttnProcessor:
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         out = sp_attention(q, k, v, self.ctx).flatten(2, 3).to(q.dtype)
-        if fp8:
-            return attn.fd_out["attn"](out) + mlp
         mlp = mlp if _fused(lin) else attn.mlp_act_fn(mlp)
         if getattr(attn, "fd_out", None) is not None:
             return attn.fd_out["attn"](out) + attn.fd_out["mlp"](mlp)
@@ -118,36 +105,6 @@ class SingleStreamAttnProcessor:
 # A LoRA bank on the single block's MLP input (``flux_dist.lora``): the adapters' delta goes inside the SwiGLU's kernel.
 def _fused(lin: torch.nn.Module) -> bool:
     return isinstance(lin, LoraLinear) and lin.fuses
-
-
-# The single block's SwiGLU and the per-token FP8 quantization of to_out's MLP half as one kernel
-# (``quant.swiglu.swiglu_fp8``; with a LoRA bank the in-projection's delta and the MLP half's A product inside it).
-# A knob for measuring against the compiled path (bench/gemm/profile_pass.py); read when a block is traced.
-FUSED_SWIGLU_FP8 = True
-
-
-def _fp8_mlp(attn) -> bool:
-    """Whether the single block's MLP half runs through ``swiglu_fp8``: to_out split (``split_out``) and its MLP half
-    FP8 with per-token scales (under a LoRA bank or not)."""
-    out = getattr(attn, "fd_out", None)
-    if not FUSED_SWIGLU_FP8 or out is None:
-        return False
-    base = out["mlp"].base if isinstance(out["mlp"], LoraLinear) else out["mlp"]
-    return isinstance(base, QuantLinear) and base.takes_fp8_rows
-
-
-def _mlp_half(attn, lin: torch.nn.Module, y: torch.Tensor, h: torch.Tensor | None, col: int) -> torch.Tensor:
-    """to_out's MLP half of ``silu(g) * u``, ``[g | u]`` = columns ``col:`` of the in-projection's output ``y``
-    (without its LoRA delta when ``h``, the projection's rank-space activations, is given: it is added inside)."""
-    out = attn.fd_out["mlp"]
-    lora = out if isinstance(out, LoraLinear) else None
-    base = lora.base if lora is not None else out
-    rows = y.reshape(-1, y.shape[-1])
-    b = lin.lora_b[col:] if h is not None else None
-    q, s, p = swiglu_fp8(rows, col, base.in_features, None if h is None else h.reshape(-1, h.shape[-1]), b,
-                         None if lora is None else lora.lora_a)
-    ym = base.forward_fp8(q, s).view(*y.shape[:-1], base.out_features)
-    return ym if lora is None else lora.add_(ym, lora.scale_h(p.view(*y.shape[:-1], -1)))
 
 
 def _swiglu(lin: torch.nn.Module, x: torch.Tensor, act) -> torch.Tensor:
