@@ -138,8 +138,8 @@ def test_replica_whose_rank_dies_is_replaced(app):
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(app):
-    """Last (it redeploys the app): min 1, max 2 replicas, a target of 1 request per replica, a short upscale delay
-    and a downscale delay longer than a replica's start. Four clients sending without pause take Serve from 1
+    """Last (it redeploys the app): min 1, max 2 replicas, a target of 1 request per replica, short delays. Four
+    clients sending without pause (the load never dips while a replica starts) take Serve from 1
     running replica to 2 (every request answered); once they stop it goes back to 1, which answers with the
     torchrun image."""
     import threading
@@ -149,7 +149,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(app):
 
     port, ref = app
     args = {**_args(), "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 1,
-            "upscale_delay_s": 1.0, "downscale_delay_s": 15.0, "look_back_period_s": 2.0}
+            "upscale_delay_s": 1.0, "downscale_delay_s": 6.0, "look_back_period_s": 11.0}  # > Serve's 10 s metrics
     serve.run(build(args), name="flux", route_prefix="/")
 
     def states() -> dict:

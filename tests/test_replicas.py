@@ -217,6 +217,7 @@ def test_replicas_2_ulysses_2_overlap_then_a_stopped_rank_in_group_1_ends_the_jo
     """The issue's own wording, its own 4-rank server: ``serve --replicas 2 --ulysses 2``. Two requests compute at
     the same time on groups 0 and 1, each the CLI's image; then SIGSTOP rank 2 (group 1's leader): the watchdog
     across the groups ends every rank within 60 s, naming it."""
+    server.stop()  # the module's server is done (this test is last): its 4 idle ranks would share the 2 CPUs
     s = Server(["--config", str(server.cli_png.parent / "tiny.yaml"), *SMALL, "--replicas", "2", "--ulysses", "2"],
                world=4, log_path=tmp_path / "server.log")
     try:
