@@ -15,12 +15,8 @@ import triton.language as tl
 
 # 64 x 64 tiles, 8 warps, the rank dimension one static chunk (up to 256): 80 registers at R <= 64, 128 at 128, no
 # spills (ptxas, sm_90a), so 3 programs share an SM. A runtime loop over R, or loading y before the products,
-# took all 255 registers and spilled. On CUDA the tile is autotuned per (F, R) among CONFIGS (one H200 pass: this
-# kernel ran at about 2.3 TB/s with 64 x 64, BENCHMARKS.md issue 14); the interpreter (CPU tests) takes 64 x 64.
+# took all 255 registers and spilled.
 BM, BN, MAX_R = 64, 64, 256
-CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-           for m, n, w, st in ((64, 64, 8, 1), (64, 128, 8, 1), (128, 64, 8, 1), (32, 128, 4, 1), (64, 64, 4, 2),
-                               (128, 128, 8, 1), (32, 64, 4, 2))]
 
 
 @triton.jit
@@ -59,9 +55,6 @@ def _swiglu_lora_kernel(y_ptr, h_ptr, b_ptr, out_ptr, M, F, R, stride_y, stride_
     tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], out.to(dt), mask=tile)
 
 
-_swiglu_lora_tuned = triton.autotune(CONFIGS, key=["F", "R"])(_swiglu_lora_kernel)
-
-
 def swiglu_lora(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, col: int, dot_f32: bool = False) -> torch.Tensor:
     """``silu(g) * u`` of ``[g | u] = y[:, col:col + 2F] + h @ b.T`` for 2-D ``y`` ``[M, *]``, ``h`` ``[M, R]``,
     ``b`` ``[2F, R]`` (rows and the last dimension of each contiguous)."""
@@ -71,11 +64,8 @@ def swiglu_lora(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, col: int, dot
         raise ValueError("swiglu_lora needs a unit last stride in y, h and b")
     out = torch.empty(M, F, dtype=y.dtype, device=y.device)
     block_r = min(MAX_R, max(16, triton.next_power_of_2(R)))
-    args = (y[:, col:], h, b, out, M, F, R, y.stride(0), h.stride(0), b.stride(0), out.stride(0))
-    if y.is_cuda and not dot_f32:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
-        _swiglu_lora_tuned[grid](*args, BLOCK_R=block_r, NR=triton.cdiv(R, block_r), DOT_F32=False)
-        return out
-    _swiglu_lora_kernel[(triton.cdiv(M, BM), triton.cdiv(F, BN))](
-        *args, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=block_r, NR=triton.cdiv(R, block_r), DOT_F32=dot_f32, num_warps=8)
+    grid = (triton.cdiv(M, BM), triton.cdiv(F, BN))
+    _swiglu_lora_kernel[grid](y[:, col:], h, b, out, M, F, R, y.stride(0), h.stride(0), b.stride(0), out.stride(0),
+                              BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=block_r, NR=triton.cdiv(R, block_r), DOT_F32=dot_f32,
+                              num_warps=8)
     return out
