@@ -91,3 +91,19 @@ def test_every_shipped_config_loads_and_names_known_choices():
         for c in configs:
             assert c.model.quant in MODES and c.model.attention in BACKENDS, f
             assert c.model.dtype in ("float32", "bfloat16", "float16"), f
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"downscale_delay_s": -1}, "Ray Serve args: downscale_delay_s: Input should be greater than or equal to 0"),
+    ({"look_back_period_s": 2}, "Ray Serve args: look_back_period_s: Input should be greater than 10"),
+    ({"max_replicas": 0}, "Ray Serve args: max_replicas: Input should be greater than or equal to 1"),
+    ({"upscale_delay": 1}, "Ray Serve args: upscale_delay: Extra inputs are not permitted"),
+])
+def test_ray_serve_args_refused_before_any_replica_starts(bad, match):
+    """A Serve config's bad app args: one clear error naming the arg, from ``build`` (before Ray is asked for
+    anything)."""
+    from flux_dist.errors import FluxDistError
+    from flux_dist.serve_ray import build
+
+    with pytest.raises(FluxDistError, match=match):
+        build({"config": "configs/tiny.yaml", **bad})

@@ -49,7 +49,9 @@ class ServeArgs(BaseModel):
     target_ongoing_requests: float = Field(2.0, gt=0, description="per replica (one computing, one waiting)")
     upscale_delay_s: float = Field(30.0, ge=0, description="Serve's: load above target this long adds replicas")
     downscale_delay_s: float = Field(600.0, ge=0, description="Serve's: load below target this long removes them")
-    look_back_period_s: float = Field(30.0, gt=0, description="Serve's: the window the load is averaged over")
+    # Serve collects the load every 10 s (its metrics_interval_s): a shorter window draws a warning from Serve today
+    # and an exception in a later release, so it is refused here.
+    look_back_period_s: float = Field(30.0, gt=10, description="Serve's: the window the load is averaged over")
     max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default max_queue + 1")
     health_check_period_s: float = Field(5.0, gt=0)
     start_timeout_s: float = Field(1800.0, gt=0, description="loading and compiling, per replica")
